@@ -1,0 +1,220 @@
+"""Direction artifacts: one ``.safetensors`` file holding the per-site directions and weights,
+with JSON metadata in the safetensors header (DESIGN.md §3.4).
+
+An artifact is data, never code: it is read with ``safetensors`` (no pickle), its size is
+bounded, and every tensor is validated (shape, finiteness, unit rows) before anything uses it.
+
+Layout (S = 2 * num_layers + 1 canonical sites, see :mod:`abliserve.projection`):
+
+    directions  float32 [S, hidden]  unit row per site, or a zero row (site untouched)
+    weights     float32 [S]          per-site strength multiplier; effective alpha = alpha * w
+    metadata    JSON under the header key ``abliserve``: model identity and fingerprint,
+                hidden size, layer count, method and parameters, dataset hashes, scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError, safe_open
+from safetensors.torch import save_file
+
+from abliserve.projection import site_names
+
+FORMAT_VERSION = 1
+METADATA_KEY = "abliserve"
+MAX_ARTIFACT_BYTES = 256 * 1024 * 1024  # a 128-layer, 16k-wide model needs ~17 MB
+UNIT_NORM_TOLERANCE = 1e-3
+FINGERPRINT_ROWS = 256
+
+
+class ArtifactError(ValueError):
+    """An artifact that cannot be read, is malformed, or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What an artifact must match: the shape of the residual stream and the weights' fingerprint."""
+
+    model_id: str
+    hidden_size: int
+    num_layers: int
+    fingerprint: str
+    revision: str | None = None
+
+    def describe(self) -> str:
+        return (
+            f"'{self.model_id}' (hidden size {self.hidden_size}, {self.num_layers} layers, "
+            f"weights fingerprint {self.fingerprint[:16]})"
+        )
+
+
+@dataclass
+class DirectionArtifact:
+    """A refusal direction (or one per site) and the facts needed to use it safely."""
+
+    directions: torch.Tensor
+    weights: torch.Tensor
+    model: ModelIdentity
+    method: dict[str, Any] = field(default_factory=dict)
+    datasets: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _validate_tensors(self.directions, self.weights, self.model)
+
+    @property
+    def num_sites(self) -> int:
+        return self.directions.shape[0]
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": {
+                "model_id": self.model.model_id,
+                "revision": self.model.revision,
+                "hidden_size": self.model.hidden_size,
+                "num_layers": self.model.num_layers,
+                "fingerprint": self.model.fingerprint,
+            },
+            "method": self.method,
+            "datasets": self.datasets,
+            "scores": self.scores,
+        }
+
+    def check_fits(self, model: ModelIdentity, artifact_name: str = "direction") -> None:
+        """Refuse to run on a model this artifact was not computed for (DESIGN.md §7.5)."""
+        mine = self.model
+        problems = []
+        if mine.hidden_size != model.hidden_size:
+            problems.append(f"hidden size {mine.hidden_size} != {model.hidden_size}")
+        if mine.num_layers != model.num_layers:
+            problems.append(f"layer count {mine.num_layers} != {model.num_layers}")
+        if mine.fingerprint != model.fingerprint:
+            problems.append("weights fingerprint differs")
+        if problems:
+            raise ArtifactError(
+                f"{artifact_name} artifact was computed for {mine.describe()} but the server "
+                f"loaded {model.describe()}: {'; '.join(problems)}"
+            )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically: a crash never leaves a half-written file that looks valid."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "directions": self.directions.to(torch.float32).contiguous(),
+            "weights": self.weights.to(torch.float32).contiguous(),
+        }
+        header = {METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)}
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp_name, metadata=header)
+            os.replace(tmp_name, path)
+        finally:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+        return path
+
+
+def load_artifact(path: str | os.PathLike[str]) -> DirectionArtifact:
+    """Read and validate an artifact; every failure is an :class:`ArtifactError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"direction artifact {path} does not exist or is not a file")
+    size = path.stat().st_size
+    if size > MAX_ARTIFACT_BYTES:
+        raise ArtifactError(
+            f"direction artifact {path} is {size} bytes, over the {MAX_ARTIFACT_BYTES}-byte limit"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            keys = set(handle.keys())
+            if keys != {"directions", "weights"}:
+                raise ArtifactError(
+                    f"direction artifact {path} holds tensors {sorted(keys)}, "
+                    "expected exactly ['directions', 'weights']"
+                )
+            directions = handle.get_tensor("directions")
+            weights = handle.get_tensor("weights")
+    except (SafetensorsError, OSError, RuntimeError) as error:
+        raise ArtifactError(f"direction artifact {path} is not a valid safetensors file: {error}")
+    try:
+        meta = json.loads(header[METADATA_KEY])
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"direction artifact {path} has format version {meta.get('format_version')}, "
+                f"this abliserve reads version {FORMAT_VERSION}"
+            )
+        model_meta = meta["model"]
+        model = ModelIdentity(
+            model_id=str(model_meta["model_id"]),
+            hidden_size=int(model_meta["hidden_size"]),
+            num_layers=int(model_meta["num_layers"]),
+            fingerprint=str(model_meta["fingerprint"]),
+            revision=model_meta.get("revision"),
+        )
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"direction artifact {path} has missing or malformed metadata: {error}")
+    try:
+        return DirectionArtifact(
+            directions=directions.to(torch.float32),
+            weights=weights.to(torch.float32),
+            model=model,
+            method=dict(meta.get("method") or {}),
+            datasets=dict(meta.get("datasets") or {}),
+            scores=dict(meta.get("scores") or {}),
+        )
+    except ArtifactError as error:
+        raise ArtifactError(f"direction artifact {path}: {error}") from None
+
+
+def _validate_tensors(directions: torch.Tensor, weights: torch.Tensor, model: ModelIdentity) -> None:
+    expected_sites = len(site_names(model.num_layers))
+    if directions.shape != (expected_sites, model.hidden_size):
+        raise ArtifactError(
+            f"directions tensor has shape {tuple(directions.shape)}, expected "
+            f"({expected_sites}, {model.hidden_size}) for {model.num_layers} layers"
+        )
+    if weights.shape != (expected_sites,):
+        raise ArtifactError(
+            f"weights tensor has shape {tuple(weights.shape)}, expected ({expected_sites},)"
+        )
+    if not (torch.isfinite(directions).all() and torch.isfinite(weights).all()):
+        raise ArtifactError("directions or weights contain NaN or infinity")
+    norms = directions.to(torch.float64).norm(dim=-1)
+    bad = [
+        i
+        for i, n in enumerate(norms.tolist())
+        if not (math.isclose(n, 1.0, abs_tol=UNIT_NORM_TOLERANCE) or n == 0.0)
+    ]
+    if bad:
+        raise ArtifactError(f"direction rows {bad[:5]} are neither unit vectors nor zero")
+
+
+def fingerprint_embedding(embedding: torch.Tensor, full_shape: tuple[int, ...] | None = None) -> str:
+    """A dtype-independent fingerprint of a model's weights, from its embedding matrix.
+
+    Only the first ``FINGERPRINT_ROWS`` rows are read (pass just those plus ``full_shape`` to
+    avoid loading the whole matrix). They are rounded to bfloat16 before hashing, so a checkpoint
+    loaded as float32 or bfloat16 (both exact for bf16-stored weights) fingerprints the same;
+    the shape is included so a resized vocabulary or hidden size differs.
+    """
+    shape = list(full_shape if full_shape is not None else embedding.shape)
+    rows = embedding[:FINGERPRINT_ROWS].detach().to("cpu", torch.bfloat16).contiguous()
+    digest = hashlib.sha256()
+    digest.update(json.dumps(shape).encode())
+    digest.update(rows.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()

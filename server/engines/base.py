@@ -1,0 +1,117 @@
+"""The engine interface: token ids in, token ids out, per-request ablation.
+
+Engines know nothing of HTTP, chat templates or stop strings (the HTTP layer owns those, as in
+nanochat); they batch concurrent requests, apply each request's (direction, strength) to its own
+rows only, stream new tokens, and abort a request whose client went away.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    """What to remove from one request: a named direction at a strength (0 = baseline)."""
+
+    direction: str | None
+    strength: float
+
+    @property
+    def active(self) -> bool:
+        return self.strength != 0.0 and self.direction is not None
+
+    def cache_salt(self) -> str | None:
+        """Prefix-cache salt: ablated K/V must never be shared with other (direction, strength)
+        pairs; baseline traffic returns None so it keeps sharing the cache (DESIGN.md §4)."""
+        if not self.active:
+            return None
+        key = f"abliserve:{self.direction}:{self.strength!r}"
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+BASELINE = AblationSpec(direction=None, strength=0.0)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Per-request sampling; temperature 0 is greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # number of top alternatives to report per token, if any
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingOptions
+    ablation: AblationSpec = BASELINE
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)  # token id -> logprob
+
+
+@dataclass
+class GenerationChunk:
+    """New tokens for one request since the previous chunk; ``finish_reason`` on the last one
+    ("stop" at an end/stop token, "length" at max_tokens, "abort" when cancelled)."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+class EngineError(RuntimeError):
+    """A failure inside the engine while serving one request (reported as HTTP 500)."""
+
+
+class Engine(abc.ABC):
+    """One model, several named directions, many concurrent requests."""
+
+    name: str
+
+    def __init__(self, identity: ModelIdentity, directions: dict[str, DirectionArtifact]) -> None:
+        for direction_name, artifact in directions.items():
+            artifact.check_fits(identity, artifact_name=f"direction {direction_name!r}")
+        self.identity = identity
+        self.directions = directions
+
+    @property
+    @abc.abstractmethod
+    def max_model_len(self) -> int:
+        """Prompt plus completion tokens one request may use."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load and warm up; called once from the server's lifespan."""
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Abort what is in flight and release the model."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream chunks for one request. Cancelling the consumer aborts the request."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None:
+        """Stop a request and free its slot (idempotent)."""
+
+    def stats(self) -> dict[str, float]:
+        """Engine gauges for /metrics (running and waiting requests)."""
+        return {}
