@@ -13,8 +13,10 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from abliserve.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A prompt file that is missing, empty or malformed."""
 
 
@@ -43,7 +45,9 @@ def load_instructions(path: str | Path, column: str | None = None) -> list[str]:
         elif suffix == ".csv":
             rows = list(csv.DictReader(text.splitlines()))
             fields = rows[0].keys() if rows else []
-            key = column or next((c for c in ("Goal", "prompt", "instruction") if c in fields), None)
+            key = column or next(
+                (c for c in ("Goal", "prompt", "instruction") if c in fields), None
+            )
             if key is None or key not in fields:
                 raise DatasetError(
                     f"prompt file {path} has no column {column or 'Goal/prompt/instruction'}"

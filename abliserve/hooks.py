@@ -53,7 +53,8 @@ class AblationHooks(AbstractContextManager):
         self.modules = writer_modules(model)
         if bank.directions.shape[1] != len(self.modules):
             raise ValueError(
-                f"direction bank has {bank.directions.shape[1]} sites, model has {len(self.modules)}"
+                f"direction bank has {bank.directions.shape[1]} sites, "
+                f"model has {len(self.modules)}"
             )
         parameter = next(model.parameters())
         self.bank = bank.to(parameter.device)

@@ -13,13 +13,14 @@ from pathlib import Path
 from safetensors import safe_open
 
 from abliserve.directions.artifact import FINGERPRINT_ROWS, ModelIdentity, fingerprint_embedding
+from abliserve.errors import UserError
 
 DEMO = "demo"
 SOURCE_FILE = "ABLISERVE_SOURCE"  # written by checkpoints abliserve builds: "<model id> from ..."
 EMBEDDING_KEYS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """The model argument names no usable local checkpoint."""
 
 
@@ -71,7 +72,8 @@ def checkpoint_identity(checkpoint: Path, model_id: str | None = None) -> ModelI
     config = read_config(checkpoint)
     for file in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            key = next((k for k in EMBEDDING_KEYS if k in handle.keys()), None)
+            stored = set(handle.keys())  # safe_open supports keys(), not `in`
+            key = next((k for k in EMBEDDING_KEYS if k in stored), None)
             if key is None:
                 continue
             embedding = handle.get_slice(key)

@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorsError, safe_open
 from safetensors.torch import save_file
 
+from abliserve.errors import UserError
 from abliserve.projection import site_names
 
 FORMAT_VERSION = 1
@@ -36,13 +37,13 @@ UNIT_NORM_TOLERANCE = 1e-3
 FINGERPRINT_ROWS = 256
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError, ValueError):
     """An artifact that cannot be read, is malformed, or does not fit the model."""
 
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What an artifact must match: the shape of the residual stream and the weights' fingerprint."""
+    """What an artifact must match: the residual stream's shape and the weights' fingerprint."""
 
     model_id: str
     hidden_size: int
@@ -148,7 +149,9 @@ def load_artifact(path: str | os.PathLike[str]) -> DirectionArtifact:
             directions = handle.get_tensor("directions")
             weights = handle.get_tensor("weights")
     except (SafetensorsError, OSError, RuntimeError) as error:
-        raise ArtifactError(f"direction artifact {path} is not a valid safetensors file: {error}")
+        raise ArtifactError(
+            f"direction artifact {path} is not a valid safetensors file: {error}"
+        ) from None
     try:
         meta = json.loads(header[METADATA_KEY])
         if meta.get("format_version") != FORMAT_VERSION:
@@ -167,7 +170,9 @@ def load_artifact(path: str | os.PathLike[str]) -> DirectionArtifact:
     except ArtifactError:
         raise
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
-        raise ArtifactError(f"direction artifact {path} has missing or malformed metadata: {error}")
+        raise ArtifactError(
+            f"direction artifact {path} has missing or malformed metadata: {error}"
+        ) from None
     try:
         return DirectionArtifact(
             directions=directions.to(torch.float32),
@@ -181,7 +186,9 @@ def load_artifact(path: str | os.PathLike[str]) -> DirectionArtifact:
         raise ArtifactError(f"direction artifact {path}: {error}") from None
 
 
-def _validate_tensors(directions: torch.Tensor, weights: torch.Tensor, model: ModelIdentity) -> None:
+def _validate_tensors(
+    directions: torch.Tensor, weights: torch.Tensor, model: ModelIdentity
+) -> None:
     expected_sites = len(site_names(model.num_layers))
     if directions.shape != (expected_sites, model.hidden_size):
         raise ArtifactError(
@@ -204,7 +211,9 @@ def _validate_tensors(directions: torch.Tensor, weights: torch.Tensor, model: Mo
         raise ArtifactError(f"direction rows {bad[:5]} are neither unit vectors nor zero")
 
 
-def fingerprint_embedding(embedding: torch.Tensor, full_shape: tuple[int, ...] | None = None) -> str:
+def fingerprint_embedding(
+    embedding: torch.Tensor, full_shape: tuple[int, ...] | None = None
+) -> str:
     """A dtype-independent fingerprint of a model's weights, from its embedding matrix.
 
     Only the first ``FINGERPRINT_ROWS`` rows are read (pass just those plus ``full_shape`` to
