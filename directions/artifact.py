@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError, safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from abliserve.errors import UserError
@@ -148,7 +148,7 @@ def load_artifact(path: str | os.PathLike[str]) -> DirectionArtifact:
                 )
             directions = handle.get_tensor("directions")
             weights = handle.get_tensor("weights")
-    except (SafetensorsError, OSError, RuntimeError) as error:
+    except (SafetensorError, OSError, RuntimeError) as error:
         raise ArtifactError(
             f"direction artifact {path} is not a valid safetensors file: {error}"
         ) from None

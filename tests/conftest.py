@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_DIRECTION = REPO / "abliserve" / "data" / "directions" / "qwen2.5-coder-0.5b-instruct.safetensors"
+DEMO_DIRECTION = REPO / "abliserve/data/directions/qwen2.5-coder-0.5b-instruct.safetensors"
 
 
 @pytest.fixture(scope="session")
