@@ -1,0 +1,107 @@
+"""Sub-commands that talk to a running server: ``ab`` (side-by-side comparison) and ``eval``
+(refusal rates and KL over datasets, across strengths). Both are HTTP clients only, so they work
+against any abliserve deployment. The handlers import the ``openai`` client lazily (it takes a
+second to import), so ``abliserve --help`` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+DEFAULT_STRENGTHS = "0,0.25,0.5,0.75,1"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    ab = commands.add_parser(
+        "ab",
+        help="compare baseline vs ablated outputs of a running server, side by side",
+        description=(
+            "Send a prompt to a running abliserve server once at baseline and once per "
+            "--strength (same seed, run concurrently) and print the outputs side by side with "
+            "refusal markers highlighted (red: JailbreakBench list, yellow: heretic list)."
+        ),
+    )
+    _add_server_arguments(ab)
+    ab.add_argument("prompt", nargs="?", help="the user prompt (or use --file)")
+    ab.add_argument(
+        "--file", help="prompts, one per line (or JSON / JSONL / CSV with a Goal/prompt column)"
+    )
+    ab.add_argument(
+        "--strength",
+        action="append",
+        metavar="ALPHA",
+        help="strength of the ablated column; repeat for more columns (default 1)",
+    )
+    ab.add_argument("--direction", help="direction name (default: the server's default)")
+    ab.add_argument("--system", help="system prompt")
+    ab.add_argument("--max-tokens", type=int, default=128)
+    ab.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ab.add_argument("--seed", type=int, default=0, help="the same seed for every column")
+    ab.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    ab.set_defaults(handler=_ab)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="refusal rates and first-token KL of a running server across strengths",
+        description=(
+            "Run harmful and harmless prompt sets through a running abliserve server at each "
+            "strength (greedy): refusal rate on harmful prompts, over-refusal on harmless ones, "
+            "and first-token KL(baseline || ablated) on harmless prompts. Writes results.jsonl "
+            "(resumable: rerun the same command to finish an interrupted run), summary.json, "
+            "summary.csv and sweep.png to --out."
+        ),
+    )
+    _add_server_arguments(evaluate)
+    evaluate.add_argument(
+        "--harmful", required=True, help="harmful prompts (e.g. bench/data/jbb_harmful.csv)"
+    )
+    evaluate.add_argument(
+        "--harmless",
+        required=True,
+        help="harmless prompts for over-refusal (XSTest CSV: only its 'safe' rows are used)",
+    )
+    evaluate.add_argument(
+        "--kl-harmless",
+        help="harmless prompts for first-token KL (default: --harmless)",
+    )
+    evaluate.add_argument(
+        "--strengths",
+        default=DEFAULT_STRENGTHS,
+        help=f"comma-separated strengths (default {DEFAULT_STRENGTHS}; 0 is always run)",
+    )
+    evaluate.add_argument("--direction", help="direction name (default: the server's default)")
+    evaluate.add_argument("--max-tokens", type=int, default=64)
+    evaluate.add_argument("--limit", type=int, help="use only the first N prompts of each set")
+    evaluate.add_argument(
+        "--concurrency", type=int, default=16, help="requests in flight (the server batches them)"
+    )
+    evaluate.add_argument(
+        "--out", default="eval-results", help="output folder (default %(default)s)"
+    )
+    evaluate.set_defaults(handler=_eval)
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("ABLISERVE_SERVER", DEFAULT_SERVER),
+        help=f"server URL (default $ABLISERVE_SERVER or {DEFAULT_SERVER})",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("ABLISERVE_API_KEY"),
+        help="API key (default $ABLISERVE_API_KEY)",
+    )
+
+
+def _ab(args: argparse.Namespace) -> int:
+    from abliserve.clients import ab_cli
+
+    return ab_cli.run(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from abliserve.clients import evaluate
+
+    return evaluate.run(args)
