@@ -1,0 +1,109 @@
+"""Step 1-2 of the pipeline (DESIGN.md §3): residual-stream activations at the last prompt token
+for harmful and harmless instructions, and their per-layer difference of means.
+
+Residual index ``i`` (0 <= i <= L) is the stream entering decoder layer ``i``; index ``L`` is the
+stream after the last layer (before the final norm). Activations are kept per prompt (float32,
+[prompts, L + 1, hidden], a few MB) so that the prompt sets can be filtered afterwards to those
+the model actually refuses / answers; means are taken in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from abliserve.directions.errors import DirectionError
+from abliserve.directions.modelio import chat_batches, first_token_logprobs, refusal_scores
+from torch import nn
+from tqdm import tqdm
+
+from abliserve.hooks import decoder_of
+from abliserve.projection import normalise, project_out
+
+
+@dataclass
+class Activations:
+    """Last-token residual streams of one prompt set and the baseline refusal score of each."""
+
+    residuals: torch.Tensor  # [prompts, L + 1, hidden] float32
+    refusal: torch.Tensor  # [prompts] first-token refusal log-odds without ablation
+
+
+def collect(
+    model: nn.Module,
+    tokenizer,
+    instructions: Sequence[str],
+    refusal_ids: Sequence[int],
+    batch_size: int,
+    description: str,
+) -> Activations:
+    """Run the model over ``instructions`` and record the stream at the last prompt token."""
+    decoder = decoder_of(model)
+    captured: list[torch.Tensor] = []
+
+    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured.append(hidden[:, -1].detach().float())
+
+    readers = [*decoder.layers, decoder.norm]
+    handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in readers]
+    residuals, scores = [], []
+    try:
+        total = (len(instructions) + batch_size - 1) // batch_size
+        for batch in tqdm(
+            chat_batches(tokenizer, instructions, batch_size),
+            total=total,
+            desc=description,
+            unit="batch",
+        ):
+            captured.clear()
+            logprobs = first_token_logprobs(model, batch)
+            residuals.append(torch.stack(captured, dim=1))
+            scores.append(refusal_scores(logprobs, refusal_ids))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Activations(torch.cat(residuals), torch.cat(scores))
+
+
+@dataclass
+class MeanDifference:
+    """Per-residual-index statistics the candidate directions are built from."""
+
+    difference: torch.Tensor  # [L + 1, hidden] float64, harmful mean - harmless mean
+    harmless_mean: torch.Tensor  # [L + 1, hidden] float64
+    harmful_count: int
+    harmless_count: int
+
+    def directions(self, projected: bool) -> torch.Tensor:
+        """Unit candidate directions [L + 1, hidden] float32 (optionally projected, §1)."""
+        difference = self.difference
+        if projected:
+            difference = project_out(difference, self.harmless_mean)
+        return normalise(difference).float()
+
+
+def mean_difference(
+    harmful: Activations, harmless: Activations, filter_by_behaviour: bool
+) -> MeanDifference:
+    """Difference of means; with ``filter_by_behaviour`` only prompts the model refuses
+    (harmful, refusal log-odds > 0) or answers (harmless, < 0) count, so the direction is not
+    diluted by prompts on which the model shows no refusal behaviour at all."""
+    harmful_rows = harmful.residuals
+    harmless_rows = harmless.residuals
+    if filter_by_behaviour:
+        harmful_rows = harmful_rows[harmful.refusal > 0]
+        harmless_rows = harmless_rows[harmless.refusal < 0]
+        if len(harmful_rows) == 0 or len(harmless_rows) == 0:
+            raise DirectionError(
+                "filtering left no prompts: the model refuses none of the harmful prompts or "
+                "all of the harmless ones; run without --filter-prompts"
+            )
+    harmless_mean = harmless_rows.double().mean(0)
+    return MeanDifference(
+        difference=harmful_rows.double().mean(0) - harmless_mean,
+        harmless_mean=harmless_mean,
+        harmful_count=len(harmful_rows),
+        harmless_count=len(harmless_rows),
+    )
