@@ -1,0 +1,195 @@
+"""The vLLM engine: abliserve's engine interface over vLLM's ``AsyncLLM`` (V1), the production path.
+
+Our FastAPI front end stays in charge of HTTP, chat templates, policy and errors (one API for
+both engines); vLLM gets token ids (``TokensPrompt``) and streams new token ids back
+(``RequestOutputKind.DELTA``, no detokenisation). Ablation happens inside vLLM's batches through
+the plugin of :mod:`abliserve.server.engines.vllm_plugin`; this module only
+
+* hands the plugin the direction bank (``additional_config``, also the compile-cache salt),
+* tags each request with its bank slot and strength (``SamplingParams.extra_args``), and
+* salts the prefix cache for ablated requests (``AblationSpec.cache_salt()``): their K/V differ
+  from the baseline's, while baseline requests keep sharing cached prefixes (DESIGN.md §4).
+
+An engine built with no directions is plain vLLM: the plugin installs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
+from abliserve.server.engines.base import (
+    Engine,
+    EngineError,
+    GenerationChunk,
+    GenerationRequest,
+    TokenLogprob,
+)
+from abliserve.server.engines.vllm_plugin import force_v1_runner, plugin_config
+from abliserve.server.engines.vllm_routing import ablation_extra_args
+
+from abliserve.demo_model import cache_root
+
+log = logging.getLogger(__name__)
+
+
+class VllmEngine(Engine):
+    """Serve one checkpoint with vLLM, any of ``directions`` removable per request."""
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        checkpoint: Path,
+        identity: ModelIdentity,
+        directions: dict[str, DirectionArtifact],
+        *,
+        tensor_parallel_size: int = 1,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float | None = None,
+        dtype: str = "auto",
+        enforce_eager: bool = False,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(identity, directions)
+        self.checkpoint = Path(checkpoint)
+        self.slots = {name: slot for slot, name in enumerate(directions, start=1)}
+        self.engine_args: dict[str, Any] = {
+            "model": str(self.checkpoint),
+            "tensor_parallel_size": tensor_parallel_size,
+            "max_model_len": max_model_len,
+            "dtype": dtype,
+            "enforce_eager": enforce_eager,
+            "enable_prefix_caching": enable_prefix_caching,
+            "seed": seed,
+        }
+        if gpu_memory_utilization is not None:
+            self.engine_args["gpu_memory_utilization"] = gpu_memory_utilization
+        if max_num_seqs is not None:
+            self.engine_args["max_num_seqs"] = max_num_seqs
+        if directions:
+            self.engine_args["additional_config"] = plugin_config(
+                directions, cache_root() / "vllm-directions"
+            )
+        self._llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
+        self._max_model_len = 0
+        self._vocab_size = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    async def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        force_v1_runner()
+        args = AsyncEngineArgs(**self.engine_args, disable_log_stats=True)
+        self._llm = AsyncLLM.from_engine_args(args)
+        model_config = self._llm.model_config
+        self._max_model_len = int(model_config.max_model_len)
+        self._vocab_size = int(model_config.get_vocab_size())
+        log.info("vLLM engine ready: %s, directions %s", self.checkpoint, list(self.slots))
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """Reject what vLLM would refuse mid-flight (the HTTP layer checks first, with params)."""
+        ids = request.prompt_token_ids
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= self._vocab_size:
+            raise ValueError(f"prompt token ids must lie in [0, {self._vocab_size})")
+        if request.sampling.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if len(ids) + request.sampling.max_tokens > self._max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) plus max_tokens ({request.sampling.max_tokens}) "
+                f"exceeds the maximum model length {self._max_model_len}"
+            )
+        ablation = request.ablation
+        if ablation.direction is not None and ablation.direction not in self.slots:
+            raise ValueError(f"unknown direction {ablation.direction!r}")
+        if not math.isfinite(ablation.strength):
+            raise ValueError(f"ablation strength must be finite, got {ablation.strength}")
+
+    def sampling_params(self, request: GenerationRequest) -> Any:
+        """vLLM ``SamplingParams`` for one request, carrying its ablation in ``extra_args``."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        options, ablation = request.sampling, request.ablation
+        slot = self.slots[ablation.direction] if ablation.active else 0
+        return SamplingParams(
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed,
+            stop_token_ids=list(options.stop_token_ids),
+            logprobs=options.logprobs,
+            ignore_eos=options.ignore_eos,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args=ablation_extra_args(slot, ablation.strength),
+        )
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if self._llm is None:
+            raise EngineError("the engine is not running")
+        self.check_request(request)
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+        salt = request.ablation.cache_salt()
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        params = self.sampling_params(request)
+        finished = False
+        try:
+            async for output in self._llm.generate(prompt, params, request.request_id):
+                completion = output.outputs[0]
+                finished = output.finished
+                yield GenerationChunk(
+                    token_ids=list(completion.token_ids),
+                    logprobs=_logprobs(completion, request.sampling.logprobs),
+                    finish_reason=completion.finish_reason if finished else None,
+                )
+        except EngineDeadError as error:
+            raise EngineError(f"the vLLM engine stopped: {error}") from error
+        finally:
+            if not finished:
+                await self.abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+
+def _logprobs(completion: Any, top: int | None) -> list[TokenLogprob] | None:
+    """vLLM's per-token {token id: Logprob(logprob, rank)} as our chosen-token + top-k record."""
+    if top is None or completion.logprobs is None:
+        return None
+    records = []
+    for token_id, alternatives in zip(completion.token_ids, completion.logprobs, strict=True):
+        records.append(
+            TokenLogprob(
+                token_id=token_id,
+                logprob=float(alternatives[token_id].logprob),
+                top={
+                    other: float(entry.logprob)
+                    for other, entry in alternatives.items()
+                    if entry.rank is not None and entry.rank <= top
+                },
+            )
+        )
+    return records
