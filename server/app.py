@@ -1,0 +1,176 @@
+"""The FastAPI application: lifespan (engine and tokenizer), auth, error shapes, small routes.
+
+The generation routes live in :mod:`abliserve.server.openai_api`. Every error a client causes
+leaves as OpenAI-shaped JSON with the right status; anything else is a 500 of the same shape,
+and never takes the engine down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
+from abliserve.server.completions import CompletionService
+from abliserve.server.engines import EngineOptions, create_engine
+from abliserve.server.errors import ApiError, error_body
+from abliserve.server.metrics import ServerMetrics
+from abliserve.server.openai_api import ApiState, router
+from abliserve.server.policy import ApiKeys, ServerPolicy
+from abliserve.server.protocol import DirectionCard, DirectionList, ModelCard, ModelList
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from abliserve.projection import site_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``abliserve serve`` decided before the model loads (all of it validated)."""
+
+    checkpoint: Path
+    identity: ModelIdentity
+    directions: dict[str, DirectionArtifact]
+    served_model_names: list[str]
+    policy: ServerPolicy
+    keys: ApiKeys = field(default_factory=ApiKeys)
+    engine: str = "auto"
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
+
+
+def load_tokenizer(checkpoint: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint)
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(
+            config.engine,
+            config.checkpoint,
+            config.identity,
+            config.directions,
+            config.engine_options,
+        )
+        tokenizer = load_tokenizer(config.checkpoint)
+        await engine.start()
+        app.state.engine = engine
+        app.state.metrics = ServerMetrics(engine.stats)
+        app.state.api = ApiState(
+            service=CompletionService(engine, tokenizer, app.state.metrics),
+            policy=config.policy,
+            keys=config.keys,
+            served_model_names=config.served_model_names,
+        )
+        log.info(
+            "abliserve ready: %s engine, model %s, directions %s",
+            engine.name,
+            config.served_model_names[0],
+            ", ".join(config.directions) or "none",
+        )
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="abliserve", lifespan=lifespan)
+    app.state.config = config
+    app.state.started = int(time.time())
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next) -> Response:
+        """Check the API key of /v1 requests before the body is read (401 beats 400)."""
+        if request.url.path.startswith("/v1/"):
+            try:
+                request.state.key_policy = config.keys.authenticate(
+                    request.headers.get("authorization")
+                )
+            except ApiError as error:
+                count_error(request, error.status)
+                return error.response()
+        return await call_next(request)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        count_error(request, error.status)
+        return error.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        count_error(request, error.status_code)
+        return JSONResponse(
+            error_body(error.status_code, str(error.detail)), status_code=error.status_code
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error serving %s", request.url.path)
+        count_error(request, 500)
+        return JSONResponse(
+            error_body(500, f"internal error: {type(error).__name__}"), status_code=500
+        )
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "engine": app.state.engine.name}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        limit = app.state.engine.max_model_len
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=name,
+                    created=app.state.started,
+                    root=config.identity.model_id,
+                    max_model_len=limit,
+                )
+                for name in config.served_model_names
+            ]
+        )
+
+    @app.get("/v1/directions")
+    async def directions() -> DirectionList:
+        return DirectionList(
+            data=[
+                DirectionCard(
+                    name=name,
+                    default=name == config.policy.default_direction,
+                    model_id=artifact.model.model_id,
+                    layers=sorted(
+                        {
+                            site_layer(i)
+                            for i, w in enumerate(artifact.weights.tolist())
+                            if w != 0 and bool(artifact.directions[i].any())
+                        }
+                    ),
+                    method=artifact.method,
+                    scores=artifact.scores,
+                )
+                for name, artifact in config.directions.items()
+            ],
+            default_strength=config.policy.default_strength,
+            strength_range=config.policy.strength_range,
+        )
+
+    return app
+
+
+def count_error(request: Request, status: int) -> None:
+    metrics: ServerMetrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.errors.labels(str(status)).inc()

@@ -1,0 +1,263 @@
+"""Who may ablate how much: resolving one request's (direction, strength) and checking its key.
+
+A request says what it wants in a header pair (``X-Ablation-Strength``, ``X-Ablation-Direction``)
+or in the body (``"ablation": {"strength": .., "direction": ..}``, the OpenAI SDK's
+``extra_body``). Both may be present only if they agree. What is not said comes from the
+server's defaults: the operator's default strength (0 unless set) and the first loaded direction.
+
+API keys are optional. Each key carries a policy: whether it may ablate at all and up to what
+strength. An explicit request beyond its rights is refused (403); the server default is clipped
+to the key's rights instead, so a key without ablation rights simply gets the baseline model.
+Keys are compared in constant time and never appear in messages or logs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from abliserve.server.engines.base import BASELINE, AblationSpec
+from abliserve.server.errors import ApiError, bad_request
+
+from abliserve.errors import UserError
+
+STRENGTH_HEADER = "X-Ablation-Strength"
+DIRECTION_HEADER = "X-Ablation-Direction"
+APPLIED_HEADER = "X-Ablation-Applied"
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """What one API key may do. ``max_strength`` caps |strength| (None = the server's range)."""
+
+    allow_ablation: bool = True
+    max_strength: float | None = None
+
+    def permits(self, strength: float) -> bool:
+        if strength == 0:
+            return True
+        if not self.allow_ablation:
+            return False
+        return self.max_strength is None or abs(strength) <= self.max_strength
+
+    def clip(self, strength: float) -> float:
+        """The server default as this key may receive it."""
+        if not self.allow_ablation:
+            return 0.0
+        if self.max_strength is None:
+            return strength
+        return max(-self.max_strength, min(self.max_strength, strength))
+
+
+FULL_RIGHTS = KeyPolicy()
+
+
+@dataclass(frozen=True)
+class ServerPolicy:
+    """The operator's ablation settings (``--default-strength``, ``--strength-range``)."""
+
+    directions: tuple[str, ...]  # loaded direction names; the first is the default
+    default_strength: float = 0.0
+    strength_range: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        low, high = self.strength_range
+        if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+            raise UserError(
+                f"--strength-range must be two finite numbers MIN <= MAX, got {low},{high}"
+            )
+        if not (math.isfinite(self.default_strength) and low <= self.default_strength <= high):
+            raise UserError(
+                f"--default-strength {self.default_strength} lies outside --strength-range "
+                f"{low},{high}"
+            )
+        if self.default_strength != 0 and not self.directions:
+            raise UserError("--default-strength is non-zero but no --direction is loaded")
+
+    @property
+    def default_direction(self) -> str | None:
+        return self.directions[0] if self.directions else None
+
+
+@dataclass(frozen=True)
+class AblationAsk:
+    """What a request asked for, before defaults: raw header strings and body values."""
+
+    header_strength: str | None = None
+    header_direction: str | None = None
+    body_strength: float | None = None
+    body_direction: str | None = None
+
+
+def parse_strength(text: str, param: str) -> float:
+    """A strength from a header: a finite decimal number."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise bad_request(
+            f"{param} must be a number, got {text[:40]!r}", param, "invalid_ablation_strength"
+        ) from None
+    return check_finite(value, param)
+
+
+def check_finite(value: float, param: str) -> float:
+    if not math.isfinite(value):
+        raise bad_request(
+            f"{param} must be a finite number, got {value}", param, "invalid_ablation_strength"
+        )
+    return float(value)
+
+
+def _agree(header: object, body: object, what: str) -> object:
+    if header is not None and body is not None and header != body:
+        raise bad_request(
+            f"the {what} in the header ({header}) and in the body ({body}) disagree",
+            f"ablation.{what}",
+            "ablation_conflict",
+        )
+    return header if header is not None else body
+
+
+def resolve_ablation(ask: AblationAsk, server: ServerPolicy, key: KeyPolicy) -> AblationSpec:
+    """The ablation to apply to one request, or an :class:`ApiError` (400 bad, 403 forbidden)."""
+    header_strength = (
+        parse_strength(ask.header_strength, STRENGTH_HEADER)
+        if ask.header_strength is not None
+        else None
+    )
+    body_strength = (
+        check_finite(ask.body_strength, "ablation.strength")
+        if ask.body_strength is not None
+        else None
+    )
+    header_direction = ask.header_direction.strip() if ask.header_direction is not None else None
+    strength = _agree(header_strength, body_strength, "strength")
+    direction = _agree(header_direction, ask.body_direction, "direction")
+
+    if direction is not None and direction not in server.directions:
+        known = ", ".join(server.directions) or "none loaded"
+        raise bad_request(
+            f"unknown direction {direction!r} (known: {known})",
+            "ablation.direction",
+            "direction_not_found",
+        )
+    if strength is None:
+        strength = key.clip(server.default_strength)
+    else:
+        low, high = server.strength_range
+        if not low <= strength <= high:
+            raise bad_request(
+                f"ablation strength {strength} is outside the accepted range [{low}, {high}]",
+                "ablation.strength",
+                "strength_out_of_range",
+            )
+        if not key.permits(strength):
+            reason = (
+                "this API key may not use ablation"
+                if not key.allow_ablation
+                else f"this API key may use strengths up to {key.max_strength}"
+            )
+            raise ApiError(
+                403,
+                f"{reason} (asked for {strength})",
+                param="ablation.strength",
+                code="ablation_not_allowed",
+            )
+    if strength == 0:
+        return BASELINE
+    direction = direction or server.default_direction
+    if direction is None:
+        raise bad_request(
+            "ablation was requested but the server has no direction loaded (start it with "
+            "--direction)",
+            "ablation.direction",
+            "direction_not_found",
+        )
+    return AblationSpec(direction=direction, strength=float(strength))
+
+
+def describe_applied(spec: AblationSpec) -> str:
+    """The ``X-Ablation-Applied`` header value, e.g. ``direction=refusal;strength=1.0``."""
+    return f"direction={spec.direction or 'none'};strength={spec.strength}"
+
+
+def applied_json(spec: AblationSpec) -> dict:
+    """The ``ablation`` field of responses."""
+    return {"direction": spec.direction, "strength": spec.strength}
+
+
+@dataclass
+class ApiKeys:
+    """The accepted keys and their policies; empty means authentication is off."""
+
+    policies: dict[str, KeyPolicy] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.policies)
+
+    def authenticate(self, authorization: str | None) -> KeyPolicy:
+        """The policy of the key in an ``Authorization: Bearer`` header, or 401."""
+        if not self.enabled:
+            return FULL_RIGHTS
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(
+                401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+        # Compare digests of every key (equal lengths, no early exit): timing reveals nothing.
+        offered = hashlib.sha256(token.encode()).digest()
+        found: KeyPolicy | None = None
+        for key, policy in self.policies.items():
+            if hmac.compare_digest(offered, hashlib.sha256(key.encode()).digest()):
+                found = policy
+        if found is None:
+            raise ApiError(401, "invalid API key", code="invalid_api_key")
+        return found
+
+
+def load_keys(plain_keys: list[str], keys_file: Path | None) -> ApiKeys:
+    """Keys from ``--api-key`` (full rights) and ``--api-keys-file`` (JSON or TOML)::
+
+    {"keys": {"sk-ops": {"allow_ablation": true},
+              "sk-capped": {"allow_ablation": true, "max_strength": 0.5},
+              "sk-plain": {"allow_ablation": false}}}
+    """
+    policies = {key: FULL_RIGHTS for key in plain_keys if key}
+    if keys_file is None:
+        return ApiKeys(policies)
+    try:
+        text = keys_file.read_text()
+        if keys_file.suffix == ".toml":
+            import tomllib  # Python 3.11+; JSON key files work everywhere
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (OSError, ValueError, ImportError) as error:
+        raise UserError(f"cannot read --api-keys-file {keys_file}: {error}") from None
+    entries = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(entries, dict):
+        raise UserError(f"--api-keys-file {keys_file} needs a 'keys' table mapping key -> policy")
+    for number, (key, entry) in enumerate(entries.items(), start=1):
+        if not isinstance(entry, dict) or set(entry) - {"allow_ablation", "max_strength"}:
+            raise UserError(
+                f"--api-keys-file {keys_file}: entry {number} must have only allow_ablation "
+                "and max_strength"
+            )
+        allow = entry.get("allow_ablation", True)
+        cap = entry.get("max_strength")
+        if not isinstance(allow, bool) or not (
+            cap is None or (isinstance(cap, int | float) and math.isfinite(cap) and cap >= 0)
+        ):
+            raise UserError(
+                f"--api-keys-file {keys_file}: entry {number} needs allow_ablation true/false "
+                "and max_strength a number >= 0"
+            )
+        policies[str(key)] = KeyPolicy(allow_ablation=allow, max_strength=cap)
+    return ApiKeys(policies)
