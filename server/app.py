@@ -17,7 +17,9 @@ from pathlib import Path
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
 from abliserve.server.completions import CompletionService
 from abliserve.server.engines import EngineOptions, create_engine
+from abliserve.server.engines.faults import faults_enabled, inject_faults
 from abliserve.server.errors import ApiError, error_body
+from abliserve.server.limits import LimitsMiddleware, RequestLimits
 from abliserve.server.metrics import ServerMetrics
 from abliserve.server.openai_api import ApiState, router
 from abliserve.server.policy import ApiKeys, ServerPolicy
@@ -43,6 +45,9 @@ class ServerConfig:
     keys: ApiKeys = field(default_factory=ApiKeys)
     engine: str = "auto"
     engine_options: EngineOptions = field(default_factory=EngineOptions)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    metrics_require_key: bool = False  # --metrics-require-key: /metrics needs a valid key
+    health_require_key: bool = False  # --health-require-key: /health needs a valid key
 
 
 def load_tokenizer(checkpoint: Path):
@@ -61,6 +66,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             config.directions,
             config.engine_options,
         )
+        if faults_enabled():
+            inject_faults(engine)
         tokenizer = load_tokenizer(config.checkpoint)
         await engine.start()
         app.state.engine = engine
@@ -86,11 +93,21 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.config = config
     app.state.started = int(time.time())
     app.include_router(router)
+    keyed_paths = {
+        path
+        for path, required in (
+            ("/metrics", config.metrics_require_key),
+            ("/health", config.health_require_key),
+        )
+        if required
+    }
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next) -> Response:
-        """Check the API key of /v1 requests before the body is read (401 beats 400)."""
-        if request.url.path.startswith("/v1/"):
+        """Check the API key of /v1 requests (and /metrics, /health where the operator asks)
+        before the body is read (401 beats 400)."""
+        path = request.url.path
+        if path.startswith("/v1/") or path in keyed_paths:
             try:
                 request.state.key_policy = config.keys.authenticate(
                     request.headers.get("authorization")
@@ -99,6 +116,11 @@ def create_app(config: ServerConfig) -> FastAPI:
                 count_error(request, error.status)
                 return error.response()
         return await call_next(request)
+
+    # Added last, so outermost: oversized or excess requests never reach auth or the routes.
+    app.add_middleware(
+        LimitsMiddleware, limits=config.limits, on_reject=lambda status: count_status(app, status)
+    )
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -171,6 +193,10 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 
 def count_error(request: Request, status: int) -> None:
-    metrics: ServerMetrics | None = getattr(request.app.state, "metrics", None)
+    count_status(request.app, status)
+
+
+def count_status(app: FastAPI, status: int) -> None:
+    metrics: ServerMetrics | None = getattr(app.state, "metrics", None)
     if metrics is not None:
         metrics.errors.labels(str(status)).inc()

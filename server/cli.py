@@ -23,6 +23,7 @@ def demo_direction_path() -> Path:
 
 def register(commands: argparse._SubParsersAction) -> None:
     from abliserve.server.engines import ENGINE_CHOICES
+    from abliserve.server.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_REQUESTS
 
     serve = commands.add_parser(
         "serve",
@@ -102,6 +103,39 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="the name(s) clients use in 'model' (default: the model's id)",
     )
     serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        metavar="N",
+        help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})",
+    )
+    serve.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENT_REQUESTS,
+        metavar="N",
+        help="generation requests in flight (running or queued) before new ones get 429 "
+        f"(default {DEFAULT_MAX_CONCURRENT_REQUESTS})",
+    )
+    serve.add_argument(
+        "--metrics-require-key",
+        action="store_true",
+        help="/metrics answers only with a valid API key (default: open, like /health)",
+    )
+    serve.add_argument(
+        "--health-require-key",
+        action="store_true",
+        help="/health answers only with a valid API key (default: open, for load balancers)",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=30,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, let in-flight requests finish this long, then cancel them "
+        "(default 30)",
+    )
+    serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     serve.set_defaults(handler=serve_command)
@@ -130,6 +164,7 @@ def build_config(args: argparse.Namespace):
     from abliserve.directions.artifact import load_artifact
     from abliserve.server.app import ServerConfig
     from abliserve.server.engines import EngineOptions, resolve_engine_kind
+    from abliserve.server.limits import RequestLimits
     from abliserve.server.policy import ServerPolicy, load_keys
 
     from abliserve.models import checkpoint_identity, resolve_model
@@ -147,6 +182,14 @@ def build_config(args: argparse.Namespace):
         raise UserError("--max-num-seqs must be at least 1")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise UserError("--max-model-len must be at least 2")
+    for flag, value in (
+        ("--max-body-bytes", args.max_body_bytes),
+        ("--max-concurrent-requests", args.max_concurrent_requests),
+    ):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if args.shutdown_timeout < 0:
+        raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     checkpoint = resolve_model(model)
     identity = checkpoint_identity(checkpoint)
     directions = {}
@@ -169,6 +212,12 @@ def build_config(args: argparse.Namespace):
         engine_options=EngineOptions(
             max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, dtype=args.dtype
         ),
+        limits=RequestLimits(
+            max_body_bytes=args.max_body_bytes,
+            max_concurrent_requests=args.max_concurrent_requests,
+        ),
+        metrics_require_key=args.metrics_require_key,
+        health_require_key=args.health_require_key,
     )
 
 
@@ -180,5 +229,11 @@ def serve_command(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(
+        create_app(config),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
     return 0

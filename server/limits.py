@@ -1,0 +1,131 @@
+"""Request limits enforced before any route runs: body size (413) and concurrency (429).
+
+A pure ASGI middleware (not ``BaseHTTPMiddleware``) so it sees the raw body stream and the
+whole life of a streaming response:
+
+* a body over ``max_body_bytes`` is refused from its ``Content-Length`` before a byte is read,
+  and a chunked body is cut off as soon as it grows past the limit, so a huge upload never sits
+  in memory or reaches JSON parsing or the tokenizer. The body (at most the limit) is read here
+  and handed to the app in one message;
+* at most ``max_concurrent_requests`` generation requests (POSTs under ``/v1/``) are in flight,
+  counted from arrival until their last response byte (streams included); one more gets an
+  immediate 429 instead of queueing without bound in the engine. Cheap GETs are never limited,
+  so ``/health`` and ``/metrics`` keep answering under overload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from abliserve.server.errors import ApiError
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024  # ~250k tokens of text, far beyond any context we serve
+DEFAULT_MAX_CONCURRENT_REQUESTS = 256
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The ``serve`` flags ``--max-body-bytes`` and ``--max-concurrent-requests``."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the request body is larger than this server's limit of {limit} bytes",
+        code="request_too_large",
+    )
+
+
+class LimitsMiddleware:
+    """Enforce :class:`RequestLimits`; ``on_reject(status)`` counts refusals for /metrics."""
+
+    def __init__(self, app, limits: RequestLimits, on_reject: Callable[[int], None]) -> None:
+        self.app = app
+        self.limits = limits
+        self.on_reject = on_reject
+        self.in_flight = 0  # one event loop: plain int arithmetic cannot race
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.limits.max_body_bytes:
+            await self._reject(body_too_large(self.limits.max_body_bytes), scope, receive, send)
+            return
+        counted = scope["method"] == "POST" and scope["path"].startswith("/v1/")
+        if counted and self.in_flight >= self.limits.max_concurrent_requests:
+            await self._reject(
+                ApiError(
+                    429,
+                    f"the server is at its limit of {self.limits.max_concurrent_requests} "
+                    "concurrent requests; retry later",
+                    code="rate_limit_exceeded",
+                ),
+                scope,
+                receive,
+                send,
+            )
+            return
+        if counted:
+            self.in_flight += 1
+        try:
+            try:
+                body = await self._read_body(receive)
+            except _ClientLeft:
+                return  # nobody to answer
+            if body is None:
+                await self._reject(body_too_large(self.limits.max_body_bytes), scope, receive, send)
+                return
+            replayed = False
+
+            async def replay():
+                """The body in one message, then the client's own messages (disconnects)."""
+                nonlocal replayed
+                if replayed:
+                    return await receive()
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await self.app(scope, replay, send)
+        finally:
+            if counted:
+                self.in_flight -= 1
+
+    async def _read_body(self, receive) -> bytes | None:
+        """The whole body, or None once it grows past the limit (reading stops there)."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise _ClientLeft
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > self.limits.max_body_bytes:
+                return None
+            if not message.get("more_body", False):
+                break
+        return b"".join(parts)
+
+    async def _reject(self, error: ApiError, scope, receive, send) -> None:
+        self.on_reject(error.status)
+        await error.response()(scope, receive, send)
+
+
+class _ClientLeft(Exception):
+    """The client disconnected before sending its whole body."""
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
