@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_N = 16
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64, as OpenAI documents; engines' RNGs take these
 
 
 class AblationBody(BaseModel):
@@ -61,7 +62,7 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ablation: AblationBody | None = None

@@ -27,13 +27,16 @@ def sample_token(
     logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator | None
 ) -> int:
     """Pick the next token from one row's logits [vocab] (float32)."""
-    if options.temperature == 0:
+    if options.temperature < torch.finfo(logits.dtype).tiny:  # 0, or 0 once in the logits' dtype
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / options.temperature, dim=-1)
+    # Shift before dividing: a tiny temperature then sends the others to -inf, never the top
+    # logit to +inf (inf - inf = NaN would make the row unsampleable).
+    probs = torch.softmax((logits - logits.max()) / options.temperature, dim=-1)
     if options.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= options.top_p
+        outside[0] = False  # a top_p that rounds to 0 in float32 still keeps the top token
         sorted_probs[outside] = 0.0
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice])
