@@ -100,16 +100,22 @@ class CompletionService:
             raise bad_request(f"token ids must lie in [0, {self.vocab_limit})", param)
         return list(prompt)
 
-    def max_tokens_for(self, prompt_ids: list[int], requested: int | None, param: str) -> int:
+    def max_tokens_for(
+        self,
+        prompt_ids: list[int],
+        requested: int | None,
+        param: str = "max_tokens",
+        prompt_param: str = "messages",
+    ) -> int:
         """Check the context budget; unset ``max_tokens`` means 'up to the context limit'."""
         limit = self.engine.max_model_len
         if not prompt_ids:
-            raise bad_request("the prompt is empty", param.replace("max_tokens", "prompt"))
+            raise bad_request("the prompt is empty", prompt_param)
         if len(prompt_ids) >= limit:
             raise bad_request(
                 f"the prompt is {len(prompt_ids)} tokens; this model's context is {limit} tokens "
                 "and at least one must be left for the completion",
-                "messages" if param == "max_tokens" else "prompt",
+                prompt_param,
                 "context_length_exceeded",
             )
         room = limit - len(prompt_ids)

@@ -382,7 +382,7 @@ async def completions(request: Request) -> Response:
         raise bad_request("echo is not supported", "echo")
     prompts = [service.text_prompt_ids(p) for p in completion_prompts(body.prompt)]
     requested = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-    budgets = [service.max_tokens_for(ids, requested, "max_tokens") for ids in prompts]
+    budgets = [service.max_tokens_for(ids, requested, "max_tokens", "prompt") for ids in prompts]
     base = sampling_options(body, service, requested, body.logprobs)
     stop = body.stop_strings()
     streams = []

@@ -75,7 +75,7 @@ class _Row:
     slot: int
     generator: torch.Generator | None
     stop_ids: frozenset[int]
-    position: int  # position id of the token fed at the next step
+    position: int  # position id of last_token, the token the next decode step feeds
     last_token: int = 0
     generated: int = 0
 
@@ -314,7 +314,7 @@ class TransformersEngine(Engine):
                 generator=make_generator(request.sampling, self.device),
                 stop_ids=frozenset(request.sampling.stop_token_ids)
                 | (frozenset() if request.sampling.ignore_eos else self._eos_ids),
-                position=lengths[i],
+                position=lengths[i] - 1,  # the first sampled token goes at lengths[i]
             )
             new_rows.append(row)
         batch = KVBatch(cache=cache, mask=mask.to(self.device))
@@ -364,7 +364,7 @@ class TransformersEngine(Engine):
                 row.generated += 1
                 row.last_token = token
                 row.position += 1
-                if row.generated >= sampling.max_tokens or row.position >= self._max_model_len:
+                if row.generated >= sampling.max_tokens or row.position + 1 >= self._max_model_len:
                     chunk.finish_reason = "length"
             if chunk.finish_reason is not None:
                 finished.add(i)
