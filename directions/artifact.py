@@ -35,6 +35,9 @@ METADATA_KEY = "abliserve"
 MAX_ARTIFACT_BYTES = 256 * 1024 * 1024  # a 128-layer, 16k-wide model needs ~17 MB
 UNIT_NORM_TOLERANCE = 1e-3
 FINGERPRINT_ROWS = 256
+MAX_LAYERS = 1024  # metadata beyond these bounds is hostile or corrupt, never a real model
+MAX_HIDDEN_SIZE = 1 << 17
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class ArtifactError(UserError, ValueError):
@@ -148,12 +151,20 @@ def load_artifact(path: str | os.PathLike[str]) -> DirectionArtifact:
                 )
             directions = handle.get_tensor("directions")
             weights = handle.get_tensor("weights")
+            bad_dtypes = {t.dtype for t in (directions, weights)} - set(FLOAT_DTYPES)
+            if bad_dtypes:
+                raise ArtifactError(
+                    f"direction artifact {path} holds {sorted(map(str, bad_dtypes))} tensors; "
+                    "directions and weights must be floating point"
+                )
     except (SafetensorError, OSError, RuntimeError) as error:
         raise ArtifactError(
             f"direction artifact {path} is not a valid safetensors file: {error}"
         ) from None
     try:
         meta = json.loads(header[METADATA_KEY])
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"direction artifact {path} metadata is not a JSON object")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(
                 f"direction artifact {path} has format version {meta.get('format_version')}, "
@@ -167,9 +178,14 @@ def load_artifact(path: str | os.PathLike[str]) -> DirectionArtifact:
             fingerprint=str(model_meta["fingerprint"]),
             revision=model_meta.get("revision"),
         )
+        extras = {name: meta.get(name) or {} for name in ("method", "datasets", "scores")}
+        if not all(isinstance(value, dict) for value in extras.values()):
+            raise ArtifactError(
+                f"direction artifact {path}: method, datasets and scores must be JSON objects"
+            )
     except ArtifactError:
         raise
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as error:
         raise ArtifactError(
             f"direction artifact {path} has missing or malformed metadata: {error}"
         ) from None
@@ -178,9 +194,7 @@ def load_artifact(path: str | os.PathLike[str]) -> DirectionArtifact:
             directions=directions.to(torch.float32),
             weights=weights.to(torch.float32),
             model=model,
-            method=dict(meta.get("method") or {}),
-            datasets=dict(meta.get("datasets") or {}),
-            scores=dict(meta.get("scores") or {}),
+            **extras,
         )
     except ArtifactError as error:
         raise ArtifactError(f"direction artifact {path}: {error}") from None
@@ -189,6 +203,11 @@ def load_artifact(path: str | os.PathLike[str]) -> DirectionArtifact:
 def _validate_tensors(
     directions: torch.Tensor, weights: torch.Tensor, model: ModelIdentity
 ) -> None:
+    if not (1 <= model.num_layers <= MAX_LAYERS and 1 <= model.hidden_size <= MAX_HIDDEN_SIZE):
+        raise ArtifactError(
+            f"model has {model.num_layers} layers and hidden size {model.hidden_size}; expected "
+            f"1..{MAX_LAYERS} layers and hidden size 1..{MAX_HIDDEN_SIZE}"
+        )
     expected_sites = len(site_names(model.num_layers))
     if directions.shape != (expected_sites, model.hidden_size):
         raise ArtifactError(
