@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from abliserve.server.protocol import SEED_MAX, SEED_MIN, AblationApplied
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
 MAX_VARIANTS = 8  # ablated variants per A/B request, besides the baseline
@@ -31,14 +32,9 @@ class ABRequest(BaseModel):
     max_tokens: int = Field(default=128, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int = 0  # the same seed for every variant, so only the ablation differs
+    seed: int = Field(default=0, ge=SEED_MIN, le=SEED_MAX)  # the same for every variant
     stop: list[str] | str | None = None
     stream: bool = False
-
-
-class AppliedAblation(BaseModel):
-    strength: float
-    direction: str | None
 
 
 class RefusalFlags(BaseModel):
@@ -51,7 +47,7 @@ class RefusalFlags(BaseModel):
 
 class ABVariant(BaseModel):
     label: str  # "baseline" or "strength 0.5"
-    ablation: AppliedAblation
+    ablation: AblationApplied
     text: str
     finish_reason: str | None
     prompt_tokens: int
@@ -74,7 +70,7 @@ class ABStreamStart(BaseModel):
 
     id: str
     model: str
-    variants: list[AppliedAblation]
+    variants: list[AblationApplied]
 
 
 class ABStreamDelta(BaseModel):
@@ -110,7 +106,7 @@ class TokenProbability(BaseModel):
 
 
 class FirstTokenVariant(BaseModel):
-    ablation: AppliedAblation
+    ablation: AblationApplied
     kl_from_baseline: float  # KL(baseline ‖ this variant) over the whole vocabulary, in nats
     top: list[TokenProbability]
 

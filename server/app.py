@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
+from abliserve.server.ab import router as ab_router
 from abliserve.server.completions import CompletionService
 from abliserve.server.engines import EngineOptions, create_engine
 from abliserve.server.engines.faults import faults_enabled, inject_faults
@@ -93,6 +94,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.config = config
     app.state.started = int(time.time())
     app.include_router(router)
+    app.include_router(ab_router)  # /v1/ab, /v1/ab/first-token, the /ab page (issue 5)
     keyed_paths = {
         path
         for path, required in (

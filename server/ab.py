@@ -1,0 +1,328 @@
+"""A/B comparison routes: the same chat request at baseline and at one or more strengths.
+
+``POST /v1/ab`` runs every variant concurrently through the shared engine (so they share
+batches), with the same sampling options and seed, and returns all outputs with refusal flags
+under both marker lists (DESIGN.md §6), token counts and latencies. With ``"stream": true`` it
+sends server-sent events instead, tagged by variant, so a page can fill the columns live::
+
+    event: start   data: {"id", "model", "variants": [{"strength", "direction"}, ...]}
+    event: delta   data: {"variant": 1, "text": "Sure"}            (many, interleaved)
+    event: result  data: {"variant": 0, "result": {...ABVariant}}  (one per variant)
+    event: done    data: {}
+    event: error   data: {"message": ...}                          (instead of the rest)
+
+``POST /v1/ab/first-token`` returns the first generated token's distribution at baseline and
+at each strength with KL(baseline ‖ ablated): what ``abliserve eval`` needs to measure damage.
+OpenAI's ``top_logprobs`` stops at 20 tokens, which truncates the distribution and biases KL, and
+shipping the whole vocabulary's log-probabilities per prompt over HTTP would be wasteful; so the
+server asks the engine for the full distribution and sends back the number (plus a few top
+tokens to look at).
+
+Each strength passes the same policy check as a chat request (:func:`resolve_ablation`): a key
+capped at 0.5 cannot get 1.0 through A/B. ``GET /ab`` serves the comparison page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from importlib import resources
+
+import numpy as np
+from abliserve.server.ab_protocol import (
+    ABRequest,
+    ABResponse,
+    ABStreamDelta,
+    ABStreamResult,
+    ABStreamStart,
+    ABVariant,
+    FirstTokenRequest,
+    FirstTokenResponse,
+    FirstTokenVariant,
+    RefusalFlags,
+    TokenProbability,
+)
+from abliserve.server.completions import ChoiceOutput, CompletionService, merge, stop_token_ids
+from abliserve.server.engines.base import AblationSpec, EngineError, SamplingOptions, TokenLogprob
+from abliserve.server.errors import ApiError, bad_request
+from abliserve.server.openai_api import (
+    api_state,
+    cancel_on_disconnect,
+    check_model,
+    key_policy,
+    parse_body,
+)
+from abliserve.server.policy import (
+    APPLIED_HEADER,
+    DIRECTION_HEADER,
+    STRENGTH_HEADER,
+    AblationAsk,
+    applied_json,
+    describe_applied,
+    resolve_ablation,
+)
+from abliserve.server.protocol import AblationApplied
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from abliserve.refusal import MarkerList, matched_markers
+
+router = APIRouter()
+STATIC = resources.files("abliserve.clients") / "static"
+PAGE_FILES = {"ab.js": "text/javascript", "ab.css": "text/css"}  # what /ab/static serves
+
+
+def resolve_variants(
+    request: Request, strengths: Sequence[float], direction: str | None
+) -> list[AblationSpec]:
+    """Baseline plus one spec per strength, each resolved and authorised like a chat request.
+
+    The direction may come from the body or the ``X-Ablation-Direction`` header (they must
+    agree); strengths only from the body, since one header cannot carry several."""
+    if request.headers.get(STRENGTH_HEADER) is not None:
+        raise bad_request(
+            f"A/B takes its strengths from the body field 'strengths', not {STRENGTH_HEADER}",
+            STRENGTH_HEADER,
+        )
+    state = api_state(request)
+    return [
+        resolve_ablation(
+            AblationAsk(
+                header_direction=request.headers.get(DIRECTION_HEADER),
+                body_strength=strength,
+                body_direction=direction,
+            ),
+            state.policy,
+            key_policy(request),
+        )
+        for strength in (0.0, *strengths)
+    ]
+
+
+def served_model(request: Request, name: str | None) -> str:
+    state = api_state(request)
+    if name is None:
+        return state.served_model_names[0]
+    check_model(state, name)
+    return name
+
+
+def refusal_flags(text: str) -> dict[str, RefusalFlags]:
+    flags = {}
+    for markers in MarkerList:
+        matched = matched_markers(text, markers)
+        flags[markers.value] = RefusalFlags(refused=bool(matched), markers=matched)
+    return flags
+
+
+def variant_label(spec: AblationSpec) -> str:
+    return "baseline" if not spec.active else f"strength {spec.strength:g}"
+
+
+def applied_header(specs: Sequence[AblationSpec]) -> str:
+    return ", ".join(describe_applied(spec) for spec in specs)
+
+
+def prompt_ids_of(service: CompletionService, body: ABRequest | FirstTokenRequest) -> list[int]:
+    return service.chat_prompt_ids([message.model_dump() for message in body.messages])
+
+
+def sampling_of(
+    service: CompletionService, body: ABRequest, prompt_ids: list[int]
+) -> SamplingOptions:
+    """One set of options for every variant (same seed): only the ablation differs."""
+    return SamplingOptions(
+        max_tokens=service.max_tokens_for(prompt_ids, body.max_tokens, "max_tokens"),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop_token_ids=tuple(stop_token_ids(service.tokenizer)),
+    )
+
+
+async def comparison(
+    service: CompletionService,
+    prompt_ids: list[int],
+    sampling: SamplingOptions,
+    stop: list[str],
+    specs: list[AblationSpec],
+) -> AsyncIterator[ABStreamDelta | ABStreamResult]:
+    """Run all variants concurrently; yield text deltas as they come and each variant's result
+    as it finishes. Closing this iterator aborts every variant still running."""
+    started = time.perf_counter()
+    first_token: list[float | None] = [None] * len(specs)
+    outputs = [ChoiceOutput(index=i) for i in range(len(specs))]
+    streams = [
+        service.stream(prompt_ids, sampling, spec, stop=stop, index=i, endpoint="ab")
+        for i, spec in enumerate(specs)
+    ]
+    async with aclosing(merge(streams)) as deltas:
+        async for delta in deltas:
+            i = delta.index
+            if first_token[i] is None and delta.token_ids:
+                first_token[i] = time.perf_counter() - started
+            outputs[i].add(delta)
+            if delta.text:
+                yield ABStreamDelta(variant=i, text=delta.text)
+            if delta.finish_reason is not None:
+                yield ABStreamResult(
+                    variant=i,
+                    result=ABVariant(
+                        label=variant_label(specs[i]),
+                        ablation=AblationApplied(**applied_json(specs[i])),
+                        text=outputs[i].text,
+                        finish_reason=outputs[i].finish_reason,
+                        prompt_tokens=len(prompt_ids),
+                        completion_tokens=len(outputs[i].token_ids),
+                        latency_s=time.perf_counter() - started,
+                        first_token_s=first_token[i],
+                        refusal=refusal_flags(outputs[i].text),
+                    ),
+                )
+
+
+def event(name: str, payload: BaseModel | dict) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"event: {name}\ndata: {data}\n\n"
+
+
+@router.post("/v1/ab")
+async def ab(request: Request) -> Response:
+    body = await parse_body(request, ABRequest)
+    service = api_state(request).service
+    model = served_model(request, body.model)
+    specs = resolve_variants(request, body.strengths, body.direction)
+    # Every check runs before the first byte, so a bad prompt is a 400 even when streaming.
+    prompt_ids = prompt_ids_of(service, body)
+    sampling = sampling_of(service, body, prompt_ids)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    request_id = f"ab-{uuid.uuid4().hex}"
+    headers = {APPLIED_HEADER: applied_header(specs)}
+    variants = comparison(service, prompt_ids, sampling, stop, specs)
+
+    if body.stream:
+
+        async def events() -> AsyncIterator[str]:
+            start = ABStreamStart(
+                id=request_id,
+                model=model,
+                variants=[AblationApplied(**applied_json(spec)) for spec in specs],
+            )
+            yield event("start", start)
+            try:
+                async with aclosing(variants) as items:
+                    async for item in items:
+                        yield event("delta" if isinstance(item, ABStreamDelta) else "result", item)
+            except (EngineError, ApiError) as error:
+                yield event("error", {"message": str(error)})
+                return
+            yield event("done", {})
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    async def collect() -> list[ABVariant]:
+        results: list[ABVariant | None] = [None] * len(specs)
+        async with aclosing(variants) as items:
+            async for item in items:
+                if isinstance(item, ABStreamResult):
+                    results[item.variant] = item.result
+        return [result for result in results if result is not None]
+
+    response = ABResponse(
+        id=request_id,
+        model=model,
+        seed=body.seed,
+        variants=await cancel_on_disconnect(request, collect()),
+    )
+    return Response(response.model_dump_json(), media_type="application/json", headers=headers)
+
+
+def kl_divergence(reference: dict[int, float], other: dict[int, float]) -> float:
+    """KL(reference ‖ other) in nats from two token → log-probability maps.
+
+    Exact when both maps cover the vocabulary. Tokens missing from either map (an engine that
+    caps how many it reports, or the padded rows of an embedding larger than the tokenizer) are
+    pooled into one "rest" bucket on both sides, which gives the KL of that coarser partition: a
+    lower bound, and equal to the full KL up to the mass the maps leave out."""
+    shared = reference.keys() & other.keys()
+    log_p = np.fromiter((reference[t] for t in shared), np.float64, len(shared))
+    log_q = np.fromiter((other[t] for t in shared), np.float64, len(shared))
+    p = np.exp(log_p)
+    kl = float(np.sum(p * (log_p - log_q)))
+    p_rest = 1.0 - float(p.sum())
+    q_rest = 1.0 - float(np.exp(log_q).sum())
+    if p_rest > 1e-9:
+        kl += p_rest * math.log(p_rest / max(q_rest, 1e-30))
+    return max(kl, 0.0)
+
+
+async def first_token_distribution(
+    service: CompletionService, prompt_ids: list[int], spec: AblationSpec
+) -> TokenLogprob:
+    """The whole first-token distribution (untempered) of one prompt at one ablation."""
+    sampling = SamplingOptions(
+        max_tokens=1, temperature=0.0, logprobs=service.vocab_limit, ignore_eos=True
+    )
+    async with aclosing(service.stream(prompt_ids, sampling, spec, endpoint="ab")) as deltas:
+        async for delta in deltas:
+            if delta.logprobs:
+                return delta.logprobs[0]
+    raise EngineError("the engine returned no log-probabilities for the first token")
+
+
+@router.post("/v1/ab/first-token")
+async def first_token(request: Request) -> Response:
+    body = await parse_body(request, FirstTokenRequest)
+    service = api_state(request).service
+    model = served_model(request, body.model)
+    specs = resolve_variants(request, body.strengths, body.direction)
+    prompt_ids = prompt_ids_of(service, body)
+    service.max_tokens_for(prompt_ids, 1, "max_tokens")
+    runs = asyncio.gather(*(first_token_distribution(service, prompt_ids, s) for s in specs))
+    distributions = await cancel_on_disconnect(request, runs)
+    baseline = distributions[0].top
+
+    def top(distribution: dict[int, float]) -> list[TokenProbability]:
+        best = heapq.nlargest(body.top_logprobs, distribution.items(), key=lambda item: item[1])
+        return [
+            TokenProbability(token=service.tokenizer.decode([t]), token_id=t, logprob=v)
+            for t, v in best
+        ]
+
+    response = FirstTokenResponse(
+        id=f"ft-{uuid.uuid4().hex}",
+        model=model,
+        prompt_tokens=len(prompt_ids),
+        variants=[
+            FirstTokenVariant(
+                ablation=AblationApplied(**applied_json(spec)),
+                kl_from_baseline=0.0 if i == 0 else kl_divergence(baseline, dist.top),
+                top=top(dist.top),
+            )
+            for i, (spec, dist) in enumerate(zip(specs, distributions, strict=True))
+        ],
+    )
+    return Response(
+        response.model_dump_json(),
+        media_type="application/json",
+        headers={APPLIED_HEADER: applied_header(specs)},
+    )
+
+
+@router.get("/ab", include_in_schema=False)
+async def ab_page() -> FileResponse:
+    return FileResponse(str(STATIC / "ab.html"), media_type="text/html")
+
+
+@router.get("/ab/static/{name}", include_in_schema=False)
+async def ab_page_file(name: str) -> FileResponse:
+    if name not in PAGE_FILES:
+        raise ApiError(404, f"no page file {name!r}")
+    return FileResponse(str(STATIC / name), media_type=PAGE_FILES[name])
