@@ -135,6 +135,22 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="on SIGTERM/SIGINT, let in-flight requests finish this long, then cancel them "
         "(default 30)",
     )
+    vllm = serve.add_argument_group("vLLM engine", "passed through to vLLM (--engine vllm)")
+    vllm.add_argument("--tensor-parallel-size", type=int, help="GPUs (CPU: processes) per replica")
+    vllm.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        help="fraction of GPU memory vLLM may use (CPU: host RAM; see VLLM_CPU_KVCACHE_SPACE)",
+    )
+    vllm.add_argument(
+        "--enforce-eager", action="store_true", default=None, help="no torch.compile/CUDA graphs"
+    )
+    vllm.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="reuse cached prompt prefixes (default on; ablated requests are salted apart)",
+    )
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
@@ -157,6 +173,18 @@ def parse_direction(spec: str) -> tuple[str, Path]:
     if not name or not path:
         raise UserError(f"--direction must be NAME=PATH or PATH, got {spec!r}")
     return name, Path(path)
+
+
+def vllm_options(args: argparse.Namespace, engine: str) -> dict:
+    """The vLLM-only flags the user gave (the others keep vLLM's defaults)."""
+    names = ("tensor_parallel_size", "gpu_memory_utilization", "enforce_eager")
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.enable_prefix_caching is not None:
+        options["enable_prefix_caching"] = args.enable_prefix_caching
+    if options and engine != "vllm":
+        flags = ", ".join("--" + name.replace("_", "-") for name in options)
+        raise UserError(f"{flags} only apply to the vLLM engine (--engine vllm)")
+    return options
 
 
 def build_config(args: argparse.Namespace):
@@ -190,6 +218,7 @@ def build_config(args: argparse.Namespace):
             raise UserError(f"{flag} must be at least 1, got {value}")
     if args.shutdown_timeout < 0:
         raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    engine = resolve_engine_kind(args.engine)
     checkpoint = resolve_model(model)
     identity = checkpoint_identity(checkpoint)
     directions = {}
@@ -208,9 +237,12 @@ def build_config(args: argparse.Namespace):
             strength_range=parse_range(args.strength_range),
         ),
         keys=load_keys(args.api_key, args.api_keys_file),
-        engine=resolve_engine_kind(args.engine),
+        engine=engine,
         engine_options=EngineOptions(
-            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, dtype=args.dtype
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            dtype=args.dtype,
+            vllm=vllm_options(args, engine),
         ),
         limits=RequestLimits(
             max_body_bytes=args.max_body_bytes,

@@ -9,8 +9,9 @@ PyTorch does.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
 from abliserve.server.engines.base import Engine
@@ -28,6 +29,8 @@ class EngineOptions:
     max_model_len: int | None = None
     max_num_seqs: int = 32
     dtype: str = "auto"
+    # vLLM-only engine arguments given on the command line (tensor_parallel_size, ...).
+    vllm: dict[str, Any] = field(default_factory=dict)
 
 
 def vllm_available() -> bool:
@@ -60,9 +63,10 @@ def create_engine(
 ) -> Engine:
     """Build (not start) the engine ``kind`` (``auto``, ``vllm`` or ``transformers``)."""
     kind = resolve_engine_kind(kind)
+    common = {key: value for key, value in asdict(options).items() if key != "vllm"}
     if kind == "vllm":
         module = importlib.import_module(VLLM_ENGINE_MODULE)
-        return module.VllmEngine(checkpoint, identity, directions, **asdict(options))
+        return module.VllmEngine(checkpoint, identity, directions, **common, **options.vllm)
     from abliserve.server.engines.transformers_engine import TransformersEngine
 
-    return TransformersEngine(checkpoint, identity, directions, **asdict(options))
+    return TransformersEngine(checkpoint, identity, directions, **common)

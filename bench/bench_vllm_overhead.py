@@ -1,0 +1,242 @@
+"""What per-request ablation costs inside vLLM, measured side by side in one run.
+
+Engines (each started once, warmed, measured, shut down; one at a time):
+
+  plain vLLM     the demo model with the abliserve plugin not loaded at all (VLLM_PLUGINS)
+  abliserve      the same model with the plugin and the demo direction; three traffic mixes:
+                 every request at alpha 0, every request at alpha 1, half at 1 and half at 0
+  baked          the checkpoint `abliserve export` writes at alpha 1, served by plain vLLM:
+                 the zero-overhead ceiling for fully ablated traffic
+
+Each mix runs at 1 and at 32 concurrent requests (greedy, EOS ignored so every request yields
+the same number of tokens) and reports output tokens/s, time to first token (TTFT) and
+inter-token latency (ITL), then the ratios against plain vLLM. A last section profiles the
+ablation op alone for one decode step of the 32-request batch, to say where the time goes.
+
+    .venv/bin/python bench/bench_vllm_overhead.py            # compiled, bfloat16
+    .venv/bin/python bench/bench_vllm_overhead.py --enforce-eager --tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from abliserve.directions.artifact import DirectionArtifact, load_artifact
+from abliserve.server.engines.base import (
+    BASELINE,
+    AblationSpec,
+    GenerationRequest,
+    SamplingOptions,
+)
+
+from abliserve.datasets import load_instructions
+from abliserve.demo_model import cache_root, provision_demo_model
+from abliserve.models import checkpoint_identity
+
+REPO = Path(__file__).resolve().parents[1]
+DIRECTION = REPO / "abliserve/data/directions/qwen2.5-coder-0.5b-instruct.safetensors"
+PROMPTS = REPO / "bench/data/harmless_test.json"
+FULL = AblationSpec("refusal", 1.0)
+HEADER = f"{'engine / mix':<22} {'conc':>4} {'tok/s':>10} {'ratio':>6} {'TTFT ms':>9} {'ITL ms':>8}"
+
+
+@dataclass
+class Measurement:
+    label: str
+    concurrency: int
+    tokens_per_s: float
+    ttft_ms: float  # median over requests
+    itl_ms: float  # median over requests of (last - first token time) / (tokens - 1)
+
+
+@contextmanager
+def environment(**values: str):
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+async def timed_request(engine, request: GenerationRequest) -> tuple[float, float, int]:
+    """(time to first token, mean inter-token latency, tokens) of one streamed request."""
+    start = time.perf_counter()
+    first = last = start
+    count = 0
+    async for chunk in engine.generate(request):
+        now = time.perf_counter()
+        if chunk.token_ids and count == 0:
+            first = now
+        count += len(chunk.token_ids)
+        last = now
+    return first - start, (last - first) / max(count - 1, 1), count
+
+
+async def run_mix(engine, prompts, mix, concurrency, requests, tokens, label) -> Measurement:
+    """``requests`` requests, ``concurrency`` at a time, request i at ablation ``mix[i % len]``."""
+    options = SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    jobs = [
+        GenerationRequest(f"{label}-{concurrency}-{i}", prompts[i % len(prompts)], options, spec)
+        for i, spec in enumerate(mix[i % len(mix)] for i in range(requests))
+    ]
+    gate = asyncio.Semaphore(concurrency)
+
+    async def limited(request):
+        async with gate:
+            return await timed_request(engine, request)
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(limited(job) for job in jobs))
+    wall = time.perf_counter() - start
+    return Measurement(
+        label=label,
+        concurrency=concurrency,
+        tokens_per_s=sum(count for _, _, count in results) / wall,
+        ttft_ms=1000 * statistics.median(ttft for ttft, _, _ in results),
+        itl_ms=1000 * statistics.median(itl for _, itl, _ in results),
+    )
+
+
+async def measure_engine(engine, prompts, mixes, args) -> list[Measurement]:
+    await engine.start()
+    try:
+        warm = [BASELINE, FULL] if engine.directions else [BASELINE]
+        await run_mix(engine, prompts, warm, 32, 32, 4, "warm-up")
+        results = []
+        for label, mix in mixes.items():
+            for concurrency in (1, 32):
+                requests = args.solo_requests if concurrency == 1 else 32
+                results.append(
+                    await run_mix(engine, prompts, mix, concurrency, requests, args.tokens, label)
+                )
+                print(_row(results[-1], None), flush=True)
+        return results
+    finally:
+        await engine.shutdown()
+
+
+def baked_checkpoint(checkpoint: Path, artifact: DirectionArtifact) -> Path:
+    """The demo model orthogonalised at alpha 1 by `abliserve export` (cached between runs)."""
+    from abliserve.directions.export import export_checkpoint
+
+    out = cache_root() / "bench" / f"{checkpoint.name}-ablated-1"
+    if not out.exists():
+        export_checkpoint(checkpoint, artifact, 1.0, out, "refusal")
+    return out
+
+
+def profile_one_step(hidden: int, sites: int, rows: int, dtype: torch.dtype) -> str:
+    """The ablation op alone for one decode step: ``sites`` calls on [rows, hidden]."""
+    from abliserve.server.engines.vllm_op import ablate_tokens
+
+    torch.manual_seed(0)
+    directions = torch.nn.functional.normalize(torch.randn(2, hidden), dim=-1)
+    directions[0] = 0
+    weights = torch.tensor([0.0, 1.0])
+    slots = torch.zeros(8192, dtype=torch.int64)
+    strengths = torch.zeros(8192)
+    slots[: rows // 2] = 1
+    strengths[: rows // 2] = 1.0
+    out = torch.randn(rows, hidden).to(dtype)
+    for _ in range(20):
+        ablate_tokens(out, directions, weights, slots, strengths)
+    repeats = 200
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for _ in range(sites):
+            ablate_tokens(out, directions, weights, slots, strengths)
+    per_step_ms = 1000 * (time.perf_counter() - start) / repeats
+    with torch.profiler.profile() as profiler:
+        for _ in range(sites):
+            ablate_tokens(out, directions, weights, slots, strengths)
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+    shape = f"{sites} sites x [{rows}, {hidden}] {dtype}"
+    return f"ablation op alone, {shape}: {per_step_ms:.2f} ms per decode step\n{table}"
+
+
+def _row(m: Measurement, base: Measurement | None) -> str:
+    ratio = f"{m.tokens_per_s / base.tokens_per_s:6.3f}" if base else "      "
+    return (
+        f"{m.label:<22} {m.concurrency:>4} {m.tokens_per_s:>10.1f} {ratio} "
+        f"{m.ttft_ms:>9.1f} {m.itl_ms:>8.1f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64, help="output tokens per request")
+    parser.add_argument("--solo-requests", type=int, default=4, help="requests at concurrency 1")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--kv-cache-gib", default="2", help="VLLM_CPU_KVCACHE_SPACE on CPU")
+    args = parser.parse_args()
+
+    from abliserve.server.engines.vllm_engine import VllmEngine
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", args.kv_cache_gib)
+    checkpoint = provision_demo_model()
+    artifact = load_artifact(DIRECTION)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    prompts = [
+        list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=False
+            )
+        )
+        for text in load_instructions(PROMPTS)[:32]
+    ]
+    options = {
+        "dtype": args.dtype,
+        "enforce_eager": args.enforce_eager,
+        "max_model_len": 1024,
+        "enable_prefix_caching": False,  # every mix pays its prefill, as fresh traffic would
+    }
+    baked = baked_checkpoint(checkpoint, artifact)
+    print(HEADER)
+    results: list[Measurement] = []
+    with environment(VLLM_PLUGINS="none"):
+        plain = VllmEngine(checkpoint, checkpoint_identity(checkpoint), {}, **options)
+        results += asyncio.run(measure_engine(plain, prompts, {"plain vLLM": [BASELINE]}, args))
+    ablating = VllmEngine(
+        checkpoint, checkpoint_identity(checkpoint), {"refusal": artifact}, **options
+    )
+    mixes = {
+        "abliserve alpha=0": [AblationSpec("refusal", 0.0)],
+        "abliserve alpha=1": [FULL],
+        "abliserve half 1/0": [FULL, BASELINE],
+    }
+    results += asyncio.run(measure_engine(ablating, prompts, mixes, args))
+    with environment(VLLM_PLUGINS="none"):
+        ceiling = VllmEngine(baked, checkpoint_identity(baked), {}, **options)
+        results += asyncio.run(
+            measure_engine(ceiling, prompts, {"baked alpha=1": [BASELINE]}, args)
+        )
+
+    base = {m.concurrency: m for m in results if m.label == "plain vLLM"}
+    mode = "eager" if args.enforce_eager else "compiled"
+    print(f"\n## vLLM ablation overhead ({mode}, {args.dtype}, {args.tokens} tokens/request)")
+    print(HEADER)
+    for m in results:
+        print(_row(m, base[m.concurrency]))
+    identity = checkpoint_identity(checkpoint)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16
+    print()
+    print(profile_one_step(identity.hidden_size, 2 * identity.num_layers + 1, 32, dtype))
+
+
+if __name__ == "__main__":
+    main()
