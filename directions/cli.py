@@ -85,7 +85,7 @@ def _register_compute(sub: argparse._SubParsersAction) -> None:
         "--candidate-layers",
         type=_layer_list,
         metavar="LAYERS",
-        help="layers to score, e.g. 8-18; default: all but the last 20%%",
+        help="layers to score, e.g. 8-18; default: 1 up to the last 20%%",
     )
     compute.add_argument(
         "--kl-bound",

@@ -68,7 +68,9 @@ def candidate_layers(options: ComputeOptions, num_layers: int) -> list[int]:
         return layers
     if options.layer is not None:
         return [options.layer]
-    return list(range(max(1, round(num_layers * (1 - options.skip_last_fraction)))))
+    # Layer 0 reads the embedding of the last template token, the same for every prompt: its
+    # difference of means is zero, so it is never a candidate by default.
+    return list(range(1, max(2, round(num_layers * (1 - options.skip_last_fraction)))))
 
 
 def load_prompt_sets(options: ComputeOptions) -> dict[str, list[str]]:
@@ -97,6 +99,13 @@ def compute(options: ComputeOptions) -> DirectionArtifact:
     harmful, harmless = _activations(model, tokenizer, prompts, refusal_ids, options)
     statistics = mean_difference(harmful, harmless, options.filter_prompts)
     candidates = statistics.directions(options.projected)
+    empty = [layer for layer in layers if not bool(candidates[layer].any())]
+    if empty:
+        raise DirectionError(
+            f"the difference of means is zero at layer(s) {empty} (the last "
+            "prompt token's stream does not depend on the prompt there); "
+            "choose later layers"
+        )
 
     scorer = Scorer(
         model,
