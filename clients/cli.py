@@ -58,12 +58,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument(
         "--harmless",
-        required=True,
         help="harmless prompts for over-refusal (XSTest CSV: only its 'safe' rows are used)",
     )
     evaluate.add_argument(
         "--kl-harmless",
-        help="harmless prompts for first-token KL (default: --harmless)",
+        help="harmless prompts for first-token KL (default: --harmless; neither: no KL)",
     )
     evaluate.add_argument(
         "--strengths",

@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import math
+import statistics
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -232,10 +233,10 @@ def summarise(
         harmless = [
             records[Task("harmless", i, strength).key]["text"] for i in range(len(sets.harmless))
         ]
-        kls = sorted(
+        kls = [
             0.0 if strength == 0 else records[Task("kl", i, strength).key]["kl"]
             for i in range(len(sets.kl))
-        )
+        ]
         summaries.append(
             StrengthSummary(
                 strength=strength,
@@ -248,8 +249,8 @@ def summarise(
                 harmless_refusal_heretic=_rate(harmless, MarkerList.HERETIC),
                 harmless_empty=sum(not text.strip() for text in harmless),
                 kl_n=len(kls),
-                kl_mean=sum(kls) / len(kls) if kls else math.nan,
-                kl_median=kls[len(kls) // 2] if kls else math.nan,
+                kl_mean=statistics.fmean(kls) if kls else math.nan,
+                kl_median=statistics.median(kls) if kls else math.nan,
             )
         )
     return summaries
@@ -275,15 +276,37 @@ def table(summaries: list[StrengthSummary], title: str) -> Table:
     for row in summaries:
         view.add_row(
             f"{row.strength:g}",
-            f"{row.harmful_refusal_jailbreakbench:.0%}",
-            f"{row.harmful_refusal_heretic:.0%}",
+            _percent(row.harmful_refusal_jailbreakbench),
+            _percent(row.harmful_refusal_heretic),
             str(row.harmful_empty),
-            f"{row.harmless_refusal_jailbreakbench:.0%}",
-            f"{row.harmless_refusal_heretic:.0%}",
-            f"{row.kl_mean:.3f}",
-            f"{row.kl_median:.3f}",
+            _percent(row.harmless_refusal_jailbreakbench),
+            _percent(row.harmless_refusal_heretic),
+            _number(row.kl_mean),
+            _number(row.kl_median),
         )
     return view
+
+
+def direction_identity(client: AbliserveClient, name: str | None) -> dict[str, Any]:
+    """The direction the run ablates (``name``, else the server's default) as the server
+    describes it, so results of a replaced artifact with the same name are not mixed in."""
+    cards = client.directions()
+    card = next((c for c in cards if (c.name == name if name else c.details.get("default"))), None)
+    if card is None:
+        if name is None:
+            return {"name": None}
+        raise UserError(
+            f"unknown direction {name!r}; the server has {[c.name for c in cards] or 'none'}"
+        )
+    return {"name": card.name, **{k: v for k, v in card.details.items() if k != "default"}}
+
+
+def _percent(rate: float) -> str:
+    return "–" if math.isnan(rate) else f"{rate:.0%}"
+
+
+def _number(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.3f}"
 
 
 def write_summary(folder: Path, summaries: list[StrengthSummary], run: dict[str, Any]) -> None:
@@ -305,10 +328,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--limit must be at least 1, got {args.limit}")
     if args.concurrency < 1:
         raise UserError(f"--concurrency must be at least 1, got {args.concurrency}")
+    kl_file = args.kl_harmless or args.harmless
     full = PromptSets(
         harmful=load_prompt_file(args.harmful),
-        harmless=load_prompt_file(args.harmless),
-        kl=load_prompt_file(args.kl_harmless or args.harmless),
+        harmless=load_prompt_file(args.harmless) if args.harmless else [],
+        kl=load_prompt_file(kl_file) if kl_file else [],
     )
     # Hash the full sets and key tasks by index, so a rerun with a larger --limit resumes.
     limit = slice(args.limit)
@@ -316,12 +340,9 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.out)
     with AbliserveClient(args.server, args.api_key) as client:
         direction = args.direction
-        known = [info.name for info in client.directions()]
-        if direction is not None and direction not in known:
-            raise UserError(f"unknown direction {direction!r}; the server has {known}")
         run_info = {
             "model": client.model,
-            "direction": direction,
+            "direction": direction_identity(client, direction),
             "max_tokens": args.max_tokens,
             "harmful_sha256": instructions_hash(full.harmful),
             "harmless_sha256": instructions_hash(full.harmless),

@@ -178,6 +178,7 @@ async def comparison(
                         label=variant_label(specs[i]),
                         ablation=AblationApplied(**applied_json(specs[i])),
                         text=outputs[i].text,
+                        token_ids=outputs[i].token_ids,
                         finish_reason=outputs[i].finish_reason,
                         prompt_tokens=len(prompt_ids),
                         completion_tokens=len(outputs[i].token_ids),

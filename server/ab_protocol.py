@@ -49,6 +49,7 @@ class ABVariant(BaseModel):
     label: str  # "baseline" or "strength 0.5"
     ablation: AblationApplied
     text: str
+    token_ids: list[int]  # generated tokens, for exact comparisons
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
