@@ -23,26 +23,30 @@ import argparse
 import asyncio
 import os
 import statistics
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from abliserve.directions.artifact import DirectionArtifact, load_artifact
+from abliserve.directions.artifact import load_artifact
 from abliserve.server.engines.base import (
     BASELINE,
     AblationSpec,
     GenerationRequest,
     SamplingOptions,
 )
+from loadgen import (
+    DIRECTION,
+    REPO,
+    baked_checkpoint,
+    chat_token_ids,
+    environment,
+    run_concurrent,
+)
+from op_profile import profile_one_step
 
 from abliserve.datasets import load_instructions
-from abliserve.demo_model import cache_root, provision_demo_model
+from abliserve.demo_model import provision_demo_model
 from abliserve.models import checkpoint_identity
 
-REPO = Path(__file__).resolve().parents[1]
-DIRECTION = REPO / "abliserve/data/directions/qwen2.5-coder-0.5b-instruct.safetensors"
 PROMPTS = REPO / "bench/data/harmless_test.json"
 FULL = AblationSpec("refusal", 1.0)
 HEADER = f"{'engine / mix':<22} {'conc':>4} {'tok/s':>10} {'ratio':>6} {'TTFT ms':>9} {'ITL ms':>8}"
@@ -57,34 +61,6 @@ class Measurement:
     itl_ms: float  # median over requests of (last - first token time) / (tokens - 1)
 
 
-@contextmanager
-def environment(**values: str):
-    previous = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-async def timed_request(engine, request: GenerationRequest) -> tuple[float, float, int]:
-    """(time to first token, mean inter-token latency, tokens) of one streamed request."""
-    start = time.perf_counter()
-    first = last = start
-    count = 0
-    async for chunk in engine.generate(request):
-        now = time.perf_counter()
-        if chunk.token_ids and count == 0:
-            first = now
-        count += len(chunk.token_ids)
-        last = now
-    return first - start, (last - first) / max(count - 1, 1), count
-
-
 async def run_mix(engine, prompts, mix, concurrency, requests, tokens, label) -> Measurement:
     """``requests`` requests, ``concurrency`` at a time, request i at ablation ``mix[i % len]``."""
     options = SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)
@@ -92,22 +68,20 @@ async def run_mix(engine, prompts, mix, concurrency, requests, tokens, label) ->
         GenerationRequest(f"{label}-{concurrency}-{i}", prompts[i % len(prompts)], options, spec)
         for i, spec in enumerate(mix[i % len(mix)] for i in range(requests))
     ]
-    gate = asyncio.Semaphore(concurrency)
-
-    async def limited(request):
-        async with gate:
-            return await timed_request(engine, request)
-
-    start = time.perf_counter()
-    results = await asyncio.gather(*(limited(job) for job in jobs))
-    wall = time.perf_counter() - start
+    wall, traces = await run_concurrent(engine, jobs, concurrency)
     return Measurement(
         label=label,
         concurrency=concurrency,
-        tokens_per_s=sum(count for _, _, count in results) / wall,
-        ttft_ms=1000 * statistics.median(ttft for ttft, _, _ in results),
-        itl_ms=1000 * statistics.median(itl for _, itl, _ in results),
+        tokens_per_s=sum(len(trace.token_ids) for trace in traces) / wall,
+        ttft_ms=1000 * statistics.median(trace.ttft for trace in traces),
+        itl_ms=1000 * statistics.median(_mean_itl(trace) for trace in traces),
     )
+
+
+def _mean_itl(trace) -> float:
+    """(last - first token time) / (tokens - 1) of one request."""
+    times = trace.token_times
+    return (times[-1] - times[0]) / max(len(times) - 1, 1)
 
 
 async def measure_engine(engine, prompts, mixes, args) -> list[Measurement]:
@@ -126,45 +100,6 @@ async def measure_engine(engine, prompts, mixes, args) -> list[Measurement]:
         return results
     finally:
         await engine.shutdown()
-
-
-def baked_checkpoint(checkpoint: Path, artifact: DirectionArtifact) -> Path:
-    """The demo model orthogonalised at alpha 1 by `abliserve export` (cached between runs)."""
-    from abliserve.directions.export import export_checkpoint
-
-    out = cache_root() / "bench" / f"{checkpoint.name}-ablated-1"
-    if not out.exists():
-        export_checkpoint(checkpoint, artifact, 1.0, out, "refusal")
-    return out
-
-
-def profile_one_step(hidden: int, sites: int, rows: int, dtype: torch.dtype) -> str:
-    """The ablation op alone for one decode step: ``sites`` calls on [rows, hidden]."""
-    from abliserve.server.engines.vllm_op import ablate_tokens
-
-    torch.manual_seed(0)
-    directions = torch.nn.functional.normalize(torch.randn(2, hidden), dim=-1)
-    directions[0] = 0
-    weights = torch.tensor([0.0, 1.0])
-    slots = torch.zeros(8192, dtype=torch.int64)
-    strengths = torch.zeros(8192)
-    slots[: rows // 2] = 1
-    strengths[: rows // 2] = 1.0
-    out = torch.randn(rows, hidden).to(dtype)
-    for _ in range(20):
-        ablate_tokens(out, directions, weights, slots, strengths)
-    repeats = 200
-    start = time.perf_counter()
-    for _ in range(repeats):
-        for _ in range(sites):
-            ablate_tokens(out, directions, weights, slots, strengths)
-    per_step_ms = 1000 * (time.perf_counter() - start) / repeats
-    with torch.profiler.profile() as profiler:
-        for _ in range(sites):
-            ablate_tokens(out, directions, weights, slots, strengths)
-    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
-    shape = f"{sites} sites x [{rows}, {hidden}] {dtype}"
-    return f"ablation op alone, {shape}: {per_step_ms:.2f} ms per decode step\n{table}"
 
 
 def _row(m: Measurement, base: Measurement | None) -> str:
@@ -191,14 +126,7 @@ def main() -> None:
     checkpoint = provision_demo_model()
     artifact = load_artifact(DIRECTION)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    prompts = [
-        list(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=False
-            )
-        )
-        for text in load_instructions(PROMPTS)[:32]
-    ]
+    prompts = chat_token_ids(tokenizer, load_instructions(PROMPTS)[:32])
     options = {
         "dtype": args.dtype,
         "enforce_eager": args.enforce_eager,
@@ -235,7 +163,10 @@ def main() -> None:
     identity = checkpoint_identity(checkpoint)
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16
     print()
-    print(profile_one_step(identity.hidden_size, 2 * identity.num_layers + 1, 32, dtype))
+    sites = 2 * identity.num_layers + 1
+    per_step_ms, table = profile_one_step(identity.hidden_size, sites, 32, dtype)
+    shape = f"{sites} sites x [32, {identity.hidden_size}] {dtype}"
+    print(f"ablation op alone, {shape}: {per_step_ms:.2f} ms per decode step\n{table}")
 
 
 if __name__ == "__main__":
