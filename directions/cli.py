@@ -242,6 +242,7 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
     import math
+    import sys
     from dataclasses import asdict
 
     from abliserve.directions.artifact import load_artifact
@@ -267,25 +268,29 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(checkpoint)
     evaluator = Evaluator(model, tokenizer, harmful, harmless, args.batch_size, args.max_new_tokens)
-    first = next(iter(artifacts))
-    conditions = [evaluator.run(artifacts[first], "baseline", 0.0)]
-    for name, artifact in artifacts.items():
-        conditions += [evaluator.run(artifact, name, s) for s in args.strengths if s != 0]
-    _print_conditions(conditions, len(harmful), len(harmless))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "model": identity.model_id,
-                    "harmful": args.harmful,
-                    "harmless": args.harmless,
-                    "max_new_tokens": args.max_new_tokens,
-                    "conditions": [asdict(c) for c in conditions],
-                },
-                indent=1,
-            )
+    first = next(iter(artifacts))  # strength 0 is the same model whichever direction
+    plan = [(artifacts[first], "baseline", 0.0)]
+    plan += [(a, name, s) for name, a in artifacts.items() for s in args.strengths if s != 0]
+    conditions = []
+    for artifact, name, strength in plan:
+        condition = evaluator.run(artifact, name, strength)
+        conditions.append(condition)
+        print(
+            f"{name} @ {strength:g}: refusals {condition.refusal_rate:.0%} (heretic "
+            f"{condition.refusal_rate_heretic:.0%}), KL {condition.kl:.4f}",
+            file=sys.stderr,
         )
+        if args.json:  # after every condition: a long run that dies keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            record = {
+                "model": identity.model_id,
+                "harmful": args.harmful,
+                "harmless": args.harmless,
+                "max_new_tokens": args.max_new_tokens,
+                "conditions": [asdict(c) for c in conditions],
+            }
+            args.json.write_text(json.dumps(record, indent=1))
+    _print_conditions(conditions, len(harmful), len(harmless))
     return 0
 
 
