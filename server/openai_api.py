@@ -60,6 +60,7 @@ router = APIRouter()
 Body = TypeVar("Body", bound=BaseModel)
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default
+MAX_CHOICES = 64  # prompts x n per completions request: one request must not flood the engine
 DISCONNECT_POLL_S = 0.5
 
 
@@ -380,7 +381,13 @@ async def completions(request: Request) -> Response:
     ablation = resolve_request_ablation(request, body.ablation)
     if body.echo:
         raise bad_request("echo is not supported", "echo")
-    prompts = [service.text_prompt_ids(p) for p in completion_prompts(body.prompt)]
+    texts = completion_prompts(body.prompt)
+    if len(texts) * body.n > MAX_CHOICES:
+        raise bad_request(
+            f"{len(texts)} prompts x n={body.n} asks for more than {MAX_CHOICES} choices",
+            "prompt",
+        )
+    prompts = [service.text_prompt_ids(p) for p in texts]
     requested = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
     budgets = [service.max_tokens_for(ids, requested, "max_tokens", "prompt") for ids in prompts]
     base = sampling_options(body, service, requested, body.logprobs)
