@@ -150,8 +150,9 @@ async def engine_block(engine, configs: list[Config], prompts, args) -> BlockRes
     result = BlockResult({}, {}, [])
     await engine.start()
     try:
-        warm = requests_for(configs[0], prompts, max(LEVELS), max(LEVELS), 4, "warm")
-        await run_concurrent(engine, warm, max(LEVELS))
+        for config in configs:  # warm every path (the ablation op too) before timing
+            warm = requests_for(config, prompts, max(LEVELS), max(LEVELS), 4, "warm")
+            await run_concurrent(engine, warm, max(LEVELS))
         for round_ in range(args.rounds):
             for config in rotated(configs, round_):
                 for level in LEVELS:
@@ -202,13 +203,11 @@ async def scaling_runs(engine, prompts, args) -> list[dict]:
     return runs
 
 
-def tutorial_block(checkpoint: Path, prompts, args) -> BlockResult:
+def tutorial_block(checkpoint: Path, artifact, prompts, args) -> BlockResult:
     import torch
-    from abliserve.directions.artifact import load_artifact
     from tutorial_baseline import add_ablation_hooks, generate_batch, load
 
-    artifact = load_artifact(DIRECTION)
-    model, tokenizer = load(checkpoint, torch.float32)
+    model, tokenizer = load(checkpoint, getattr(torch, args.dtype))
     add_ablation_hooks(model, artifact.directions, artifact.weights, alpha=1.0)
     generate_batch(model, tokenizer, prompts[:2], 4)  # warm-up
     result = BlockResult({}, {}, [])
@@ -230,19 +229,18 @@ def run_block(name: str, args) -> BlockResult:
     from abliserve.directions.artifact import load_artifact
     from transformers import AutoTokenizer
 
-    from abliserve.demo_model import provision_demo_model
-    from abliserve.models import checkpoint_identity
+    from abliserve.models import checkpoint_identity, resolve_model
 
     torch.manual_seed(0)
-    checkpoint = provision_demo_model()
+    checkpoint = resolve_model(args.model)
+    artifact = load_artifact(args.direction)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     prompts = chat_token_ids(tokenizer, load_prompts(max(LEVELS)))
     if name == "export":
-        baked_checkpoint(checkpoint, load_artifact(DIRECTION))
+        baked_checkpoint(checkpoint, artifact)
         return BlockResult({}, {}, [])
     if name == "tutorial":
-        return tutorial_block(checkpoint, prompts, args)
-    artifact = load_artifact(DIRECTION)
+        return tutorial_block(checkpoint, artifact, prompts, args)
     configs = [config for config in CONFIGS if config.block == name]
     if name == "transformers":
         from abliserve.server.engines.transformers_engine import TransformersEngine
@@ -483,16 +481,15 @@ def scaling_table(result: BlockResult, concurrency: int) -> str:
     return "\n".join(lines)
 
 
-def profile_section(result: BlockResult, dtype_name: str) -> str:
+def profile_section(result: BlockResult, model: str, dtype_name: str) -> str:
     """The ablation op's time for one 32-request decode step, and its share of the measured
     inter-token latency of the alpha 1 run."""
     import torch
     from op_profile import profile_one_step
 
-    from abliserve.demo_model import provision_demo_model
-    from abliserve.models import checkpoint_identity
+    from abliserve.models import checkpoint_identity, resolve_model
 
-    identity = checkpoint_identity(provision_demo_model())
+    identity = checkpoint_identity(resolve_model(model))
     sites = 2 * identity.num_layers + 1
     dtype = getattr(torch, dtype_name)
     per_step_ms, profile = profile_one_step(identity.hidden_size, sites, max(LEVELS), dtype)
@@ -556,7 +553,7 @@ def report(result: BlockResult, peaks: dict[str, float], args, argv: list[str]) 
             + "\n".join(checks),
             "Throughput ratios (medians):\n\n" + "\n".join(ratios(result, verdicts)),
             scaling,
-            profile_section(result, args.dtype) if "vllm-1" in result.metrics else "",
+            profile_section(result, args.model, args.dtype) if "vllm-1" in result.metrics else "",
         )
         if part
     )
@@ -564,6 +561,8 @@ def report(result: BlockResult, peaks: dict[str, float], args, argv: list[str]) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo", help="checkpoint (default: the demo model)")
+    parser.add_argument("--direction", type=Path, default=DIRECTION, help="direction artifact")
     parser.add_argument("--blocks", default=",".join(BLOCKS), help="engines to run, in order")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per block and pass")
     parser.add_argument("--passes", type=int, default=1, help="2: blocks again, reversed")
@@ -571,7 +570,7 @@ def main() -> None:
     parser.add_argument("--solo-requests", type=int, default=2, help="requests at concurrency 1")
     parser.add_argument("--dtype", default="float32", help="every engine's dtype")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without compiling")
-    parser.add_argument("--kv-cache-gib", default="2", help="VLLM_CPU_KVCACHE_SPACE")
+    parser.add_argument("--kv-cache-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     parser.add_argument(
         "--scaling-lengths",
         type=lambda text: [int(part) for part in text.split(",") if part],
