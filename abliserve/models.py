@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from abliserve.directions.artifact import FINGERPRINT_ROWS, ModelIdentity, fingerprint_embedding
 from abliserve.errors import UserError
@@ -67,8 +67,22 @@ def checkpoint_identity(checkpoint: Path, model_id: str | None = None) -> ModelI
     """Identity of a safetensors checkpoint on disk, without loading the model.
 
     Reads only the first rows of the embedding matrix, so both engines (and the vLLM front end,
-    which never holds the weights itself) can check artifacts in milliseconds.
+    which never holds the weights itself) can check artifacts in milliseconds. A corrupt
+    checkpoint (bad config.json, truncated or malformed safetensors) is one clear UserError here,
+    before any model loads.
     """
+    try:
+        return _checkpoint_identity(checkpoint, model_id)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        if isinstance(error, UserError):
+            raise
+        raise ModelNotFoundError(
+            f"model checkpoint {checkpoint} is unreadable or corrupt: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+
+
+def _checkpoint_identity(checkpoint: Path, model_id: str | None) -> ModelIdentity:
     config = read_config(checkpoint)
     for file in sorted(checkpoint.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
