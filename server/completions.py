@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from abliserve.server.engines.base import (
     AblationSpec,
     Engine,
+    GenerationChunk,
     GenerationRequest,
     SamplingOptions,
     TokenLogprob,
@@ -156,7 +157,7 @@ class CompletionService:
         generated = 0
         finish: str | None = None
         try:
-            async with aclosing(self.engine.generate(request)) as chunks:
+            async with aclosing(checked(self.engine.generate(request))) as chunks:
                 async for chunk in chunks:
                     if first_token_at is None and chunk.token_ids:
                         first_token_at = time.perf_counter()
@@ -176,6 +177,21 @@ class CompletionService:
                 self.metrics.latency.labels(label).observe(time.perf_counter() - started)
                 if first_token_at is not None:
                     self.metrics.first_token.labels(label).observe(first_token_at - started)
+
+
+async def checked(chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[GenerationChunk]:
+    """Engines refuse malformed requests with ValueError when they are submitted (the first
+    step of the stream); that is the client's fault, so it becomes a 400."""
+    async with aclosing(chunks):  # closing us closes the engine stream (and aborts it)
+        try:
+            first = await anext(chunks)
+        except ValueError as error:
+            raise bad_request(str(error)) from None
+        except StopAsyncIteration:
+            return
+        yield first
+        async for chunk in chunks:
+            yield chunk
 
 
 async def merge(streams: list[AsyncIterator[Delta]]) -> AsyncIterator[Delta]:

@@ -121,16 +121,12 @@ def choice_seed(sampling: SamplingOptions, index: int) -> SamplingOptions:
 
 
 def sse(payload: BaseModel | dict) -> str:
-    data = (
-        payload.model_dump_json(exclude_none=True)
-        if isinstance(payload, BaseModel)
-        else json.dumps(payload)
-    )
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
     return f"data: {data}\n\n"
 
 
 def dump(model: BaseModel) -> JSONResponse:
-    return JSONResponse(model.model_dump(mode="json", exclude_none=True))
+    return JSONResponse(model.model_dump(mode="json"))
 
 
 async def cancel_on_disconnect(request: Request, work: asyncio.Future | asyncio.Task):
