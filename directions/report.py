@@ -64,6 +64,7 @@ def save_plot(
     )
     refusal_axis.axhline(0, color="grey", linewidth=0.5)
     refusal_axis.axvline(chosen, color="tab:green", linestyle=":", label=f"chosen layer {chosen}")
+    refusal_axis.set_xticks(layers)
     refusal_axis.set_xlabel("candidate layer (residual stream entering it)")
     refusal_axis.set_ylabel("refusal log-odds (first token)")
     kl_axis = refusal_axis.twinx()
