@@ -7,6 +7,7 @@ key file) is reported as one ``abliserve: error:`` line before uvicorn starts.
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 from abliserve.errors import UserError
@@ -253,6 +254,10 @@ def build_config(args: argparse.Namespace):
     )
 
 
+def _exit_after_shutdown(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def serve_command(args: argparse.Namespace) -> int:
     import logging
 
@@ -261,6 +266,10 @@ def serve_command(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # After a graceful shutdown uvicorn re-raises the signal that asked for it, under the handler
+    # it found at start-up; make that handler a clean exit 0, which is what supervisors expect.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _exit_after_shutdown)
     uvicorn.run(
         create_app(config),
         host=args.host,
