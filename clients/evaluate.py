@@ -98,20 +98,22 @@ def parse_strengths(text: str) -> list[float]:
 
 
 def plan(sets: PromptSets, strengths: list[float]) -> list[Task]:
-    """Every request of the run, harmful first so partial runs answer the main question first."""
-    generations = [
+    """Every request of the run, prompt by prompt (all strengths and sets of prompt i before
+    prompt i + 1), so an interrupted run already holds complete rows for its first prompts:
+    ``--limit N`` then summarises them without waiting for the rest."""
+    ablated = [strength for strength in strengths if strength != 0]  # KL at 0 is 0 by definition
+    longest = max(len(sets.harmful), len(sets.harmless), len(sets.kl))
+    return [
         Task(name, index, strength)
-        for name, prompts in (("harmful", sets.harmful), ("harmless", sets.harmless))
-        for strength in strengths
-        for index in range(len(prompts))
+        for index in range(longest)
+        for name, prompts, levels in (
+            ("harmful", sets.harmful, strengths),
+            ("harmless", sets.harmless, strengths),
+            ("kl", sets.kl, ablated),
+        )
+        if index < len(prompts)
+        for strength in levels
     ]
-    kl = [
-        Task("kl", index, strength)
-        for strength in strengths
-        if strength != 0  # KL of the baseline against itself is 0 by definition
-        for index in range(len(sets.kl))
-    ]
-    return generations + kl
 
 
 class ResultStore:

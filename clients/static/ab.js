@@ -32,9 +32,13 @@ async function loadDirections() {
     setStatus(`could not list directions: ${await errorMessage(response)}`, true);
     return;
   }
+  const listing = await response.json();
+  if (listing.strength_range) {  // the slider offers what the server accepts
+    [$("strength").min, $("strength").max] = listing.strength_range;
+  }
   const select = $("direction");
   select.querySelectorAll("option[data-loaded]").forEach((option) => option.remove());
-  for (const direction of (await response.json()).data ?? []) {
+  for (const direction of listing.data ?? []) {
     const option = new Option(direction.name, direction.name);
     option.dataset.loaded = "true";
     select.append(option);
