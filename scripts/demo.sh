@@ -53,5 +53,8 @@ for strength in ("0", "1"):
     )
     print(f"  strength {strength}: {reply.choices[0].message.content!r}")
 PY
-echo; echo "serving on $URL (OpenAI API at $URL/v1) - Ctrl-C stops it"
+echo; echo "== abliserve ab: the same prompt at baseline and ablated, side by side"
+.venv/bin/abliserve ab "$PROMPT" --server "$URL" --strength 1 --max-tokens 48
+echo; echo "A/B page: $URL/ab"
+echo "serving on $URL (OpenAI API at $URL/v1) - Ctrl-C stops it"
 wait "$SERVER"
