@@ -52,6 +52,7 @@ from loadgen import (
     PROMPT_SHA256,
     PeakRss,
     baked_checkpoint,
+    baked_path,
     chat_token_ids,
     environment,
     load_prompts,
@@ -101,7 +102,7 @@ CONFIGS = (
     Config("plain", "(c) plain vLLM, original weights", "vllm-plain", (BASELINE,)),
 )
 BY_KEY = {config.key: config for config in CONFIGS}
-BLOCKS = ("tutorial", "transformers", "vllm", "vllm-baked", "vllm-plain")
+BLOCKS = ("vllm", "vllm-baked", "vllm-plain", "tutorial", "transformers")  # vLLM ones adjacent
 
 
 def rotated(items: Sequence, shift: int) -> list:
@@ -251,7 +252,7 @@ def run_block(name: str, args) -> BlockResult:
             {"refusal": artifact},
             max_num_seqs=max(LEVELS),
             dtype=args.dtype,
-            max_model_len=1024,
+            max_model_len=args.max_model_len,
         )
         return asyncio.run(engine_block(engine, configs, prompts, args))
     from abliserve.server.engines.vllm_engine import VllmEngine
@@ -266,7 +267,7 @@ def run_block(name: str, args) -> BlockResult:
             directions,
             dtype=args.dtype,
             enforce_eager=args.enforce_eager,
-            max_model_len=1024,
+            max_model_len=args.max_model_len,
             max_num_seqs=max(LEVELS),
             enable_prefix_caching=False,  # every round pays its prefill, like fresh traffic
         )
@@ -274,6 +275,15 @@ def run_block(name: str, args) -> BlockResult:
 
 
 # -- the parent: schedule blocks, check tokens, report -------------------------------------
+
+
+def exported(args) -> bool:
+    """Whether the baked checkpoint is already in the cache (exporting loads the model)."""
+    from abliserve.directions.artifact import load_artifact
+
+    from abliserve.models import resolve_model
+
+    return baked_path(resolve_model(args.model), load_artifact(args.direction)).exists()
 
 
 def wait_for_memory(min_free_gib: float) -> None:
@@ -285,8 +295,11 @@ def wait_for_memory(min_free_gib: float) -> None:
         time.sleep(30)
 
 
-def spawn_block(name: str, argv: list[str], min_free_gib: float) -> tuple[BlockResult, float]:
-    """Run one block in a child process; (its results, peak RSS of its process tree in GiB)."""
+def spawn_block(
+    name: str, argv: list[str], min_free_gib: float
+) -> tuple[BlockResult, float] | None:
+    """Run one block in a child process; (its results, peak RSS of its process tree in GiB),
+    or None if it failed (the run goes on without it, and the report says so)."""
     wait_for_memory(min_free_gib)
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "block.json"
@@ -297,7 +310,8 @@ def spawn_block(name: str, argv: list[str], min_free_gib: float) -> tuple[BlockR
         with PeakRss(process.pid) as peak:
             code = process.wait()
         if code != 0:
-            raise SystemExit(f"block {name} failed with exit code {code}")
+            print(f"block {name} FAILED with exit code {code}", flush=True)
+            return None
         print(f"block {name}: done in {time.perf_counter() - started:.0f} s", flush=True)
         return BlockResult(**json.loads(out.read_text())), peak.peak_bytes / 2**30
 
@@ -566,19 +580,20 @@ def main() -> None:
     parser.add_argument("--blocks", default=",".join(BLOCKS), help="engines to run, in order")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per block and pass")
     parser.add_argument("--passes", type=int, default=1, help="2: blocks again, reversed")
-    parser.add_argument("--tokens", type=int, default=32, help="output tokens per request")
+    parser.add_argument("--tokens", type=int, default=16, help="output tokens per request")
     parser.add_argument("--solo-requests", type=int, default=2, help="requests at concurrency 1")
     parser.add_argument("--dtype", default="float32", help="every engine's dtype")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without compiling")
+    parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--kv-cache-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     parser.add_argument(
         "--scaling-lengths",
         type=lambda text: [int(part) for part in text.split(",") if part],
-        default=[64, 256, 512],
+        default=[32, 128, 256],
         help="prompt lengths for the scaling runs ('' to skip)",
     )
-    parser.add_argument("--scaling-concurrency", type=int, default=8)
-    parser.add_argument("--scaling-tokens", type=int, default=16)
+    parser.add_argument("--scaling-concurrency", type=int, default=4)
+    parser.add_argument("--scaling-tokens", type=int, default=8)
     parser.add_argument("--min-free-gib", type=float, default=7.0, help="wait for this much RAM")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     parser.add_argument("--run-block", help=argparse.SUPPRESS)
@@ -595,16 +610,22 @@ def main() -> None:
     unknown = set(blocks) - set(BLOCKS)
     if unknown:
         parser.error(f"unknown blocks {sorted(unknown)}; choose from {', '.join(BLOCKS)}")
-    if "vllm-baked" in blocks:
+    if "vllm-baked" in blocks and not exported(args):
         spawn_block("export", argv, args.min_free_gib)
     result = BlockResult({}, {}, [])
     peaks: dict[str, float] = {}
+    failed: list[str] = []
     for pass_ in range(args.passes):
         for name in blocks if pass_ % 2 == 0 else blocks[::-1]:
-            block_result, peak = spawn_block(name, argv, args.min_free_gib)
-            merge(result, block_result)
-            peaks[name] = max(peaks.get(name, 0.0), peak)
+            outcome = spawn_block(name, argv, args.min_free_gib)
+            if outcome is None:
+                failed.append(name)
+                continue
+            merge(result, outcome[0])
+            peaks[name] = max(peaks.get(name, 0.0), outcome[1])
     text = report(result, peaks, args, argv)
+    if failed:
+        text += f"\n\nBlocks that failed (see the log): {', '.join(failed)}"
     print("\n" + text)
     if not args.no_write:
         RAW_JSON.write_text(json.dumps({"result": asdict(result), "peaks_gib": peaks}, indent=1))

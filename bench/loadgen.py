@@ -98,13 +98,18 @@ async def run_concurrent(
     return time.perf_counter() - start, list(traces)
 
 
+def baked_path(checkpoint: Path, artifact: DirectionArtifact, alpha: float = 1.0) -> Path:
+    """Where :func:`baked_checkpoint` keeps the export (the artifact's hash in the name, so a
+    new direction gets a new export)."""
+    digest = hashlib.sha256(artifact.directions.numpy().tobytes()).hexdigest()[:12]
+    return cache_root() / "bench" / f"{checkpoint.name}-ablated-{alpha:g}-{digest}"
+
+
 def baked_checkpoint(checkpoint: Path, artifact: DirectionArtifact, alpha: float = 1.0) -> Path:
-    """The checkpoint orthogonalised at ``alpha`` by ``abliserve export`` (cached between runs;
-    the folder name carries the artifact's hash so a new direction gets a new export)."""
+    """The checkpoint orthogonalised at ``alpha`` by ``abliserve export`` (cached between runs)."""
     from abliserve.directions.export import export_checkpoint
 
-    digest = hashlib.sha256(artifact.directions.numpy().tobytes()).hexdigest()[:12]
-    out = cache_root() / "bench" / f"{checkpoint.name}-ablated-{alpha:g}-{digest}"
+    out = baked_path(checkpoint, artifact, alpha)
     if not out.exists():
         export_checkpoint(checkpoint, artifact, alpha, out, "refusal")
     return out
