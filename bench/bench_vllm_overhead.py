@@ -114,7 +114,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64, help="output tokens per request")
     parser.add_argument("--solo-requests", type=int, default=4, help="requests at concurrency 1")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--dtype", default="float32", help="float32 default: CPUs without AVX512-BF16 emulate bf16"
+    )
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--kv-cache-gib", default="2", help="VLLM_CPU_KVCACHE_SPACE on CPU")
     args = parser.parse_args()
