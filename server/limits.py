@@ -1,4 +1,5 @@
-"""Request limits enforced before any route runs: body size (413) and concurrency (429).
+"""Request limits enforced before any route runs: body size (413), concurrency (429), and
+cancellation when the client leaves.
 
 A pure ASGI middleware (not ``BaseHTTPMiddleware``) so it sees the raw body stream and the
 whole life of a streaming response:
@@ -10,11 +11,14 @@ whole life of a streaming response:
 * at most ``max_concurrent_requests`` generation requests (POSTs under ``/v1/``) are in flight,
   counted from arrival until their last response byte (streams included); one more gets an
   immediate 429 instead of queueing without bound in the engine. Cheap GETs are never limited,
-  so ``/health`` and ``/metrics`` keep answering under overload.
+  so ``/health`` and ``/metrics`` keep answering under overload;
+* a client that disconnects before its response is complete has its request cancelled, which
+  aborts its engine requests and frees their batch slots (non-streaming requests included).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -91,7 +95,7 @@ class LimitsMiddleware:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
 
-            await self.app(scope, replay, send)
+            await _cancel_on_disconnect(lambda out: self.app(scope, replay, out), receive, send)
         finally:
             if counted:
                 self.in_flight -= 1
@@ -115,6 +119,37 @@ class LimitsMiddleware:
     async def _reject(self, error: ApiError, scope, receive, send) -> None:
         self.on_reject(error.status)
         await error.response()(scope, receive, send)
+
+
+async def _cancel_on_disconnect(app_call, receive, send) -> None:
+    """Run the app; if the client disconnects before the response is complete, cancel it.
+
+    Routes cannot reliably see a disconnect themselves (``BaseHTTPMiddleware`` hides it from
+    ``Request.is_disconnected``), so a non-streaming request would keep its engine slot until
+    its last token. Cancelling the route closes its generation streams, which aborts the
+    engine requests. Called once the body is read, so the only message left is the disconnect.
+    """
+    complete = False
+
+    async def tracking_send(message) -> None:
+        nonlocal complete
+        await send(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            complete = True
+
+    app = asyncio.ensure_future(app_call(tracking_send))
+    watcher = asyncio.ensure_future(receive())
+    try:
+        await asyncio.wait({app, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not app.done() and not complete:
+            app.cancel()
+        await asyncio.gather(app, return_exceptions=True)
+    finally:
+        watcher.cancel()
+        if not app.done():
+            app.cancel()
+    if not app.cancelled():
+        app.result()  # re-raise what the app raised
 
 
 class _ClientLeft(Exception):
