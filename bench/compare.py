@@ -544,7 +544,7 @@ def write_results(section: str) -> None:
     RESULTS_MD.write_text(text)
 
 
-def report(result: BlockResult, peaks: dict[str, float], args, argv: list[str]) -> str:
+def report(result: BlockResult, peaks: dict[str, float], args, argv: list[str], failed) -> str:
     verdicts = check_tokens(result.tokens)
     command = " ".join([".venv/bin/python bench/compare.py", *argv])
     checks = [f"- {key}: {line}" for key, line in verdicts.items()]
@@ -568,6 +568,7 @@ def report(result: BlockResult, peaks: dict[str, float], args, argv: list[str]) 
             "Throughput ratios (medians):\n\n" + "\n".join(ratios(result, verdicts)),
             scaling,
             profile_section(result, args.model, args.dtype) if "vllm-1" in result.metrics else "",
+            f"Blocks that failed (see the log): {', '.join(failed)}" if failed else "",
         )
         if part
     )
@@ -623,15 +624,17 @@ def main() -> None:
                 continue
             merge(result, outcome[0])
             peaks[name] = max(peaks.get(name, 0.0), outcome[1])
-    text = report(result, peaks, args, argv)
-    if failed:
-        text += f"\n\nBlocks that failed (see the log): {', '.join(failed)}"
-    print("\n" + text)
-    if not args.no_write:
-        RAW_JSON.write_text(json.dumps({"result": asdict(result), "peaks_gib": peaks}, indent=1))
-        write_results(text)
-        if result.scaling or "vllm-1" in result.metrics:
-            plot(result, PLOT)
+            if not args.no_write:  # after every block, so a cut-short run keeps what it has
+                publish(result, peaks, failed, args, argv)
+    print("\n" + report(result, peaks, args, argv, failed))
+
+
+def publish(result: BlockResult, peaks, failed, args, argv) -> None:
+    """Write RESULTS.md's generated section, the raw JSON and the scaling plot."""
+    RAW_JSON.write_text(json.dumps({"result": asdict(result), "peaks_gib": peaks}, indent=1))
+    write_results(report(result, peaks, args, argv, failed))
+    if "vllm-1" in result.metrics:
+        plot(result, PLOT)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ exactly the prefix of its solo reference (token ids), with no 5xx; afterwards th
 healthy, has nothing running, and its RSS is within ``RSS_GROWTH_BOUND`` of before.
 
 Sizes are environment variables so a longer soak can be run by hand (docs/RELIABILITY.md):
-``ABLISERVE_SOAK_REQUESTS`` (default 32), ``ABLISERVE_SOAK_CONCURRENCY`` (16),
-``ABLISERVE_SOAK_MAX_TOKENS`` (8), ``ABLISERVE_SOAK_SEED`` (0).
+``ABLISERVE_SOAK_REQUESTS`` (default 24), ``ABLISERVE_SOAK_CONCURRENCY`` (12),
+``ABLISERVE_SOAK_MAX_TOKENS`` (6), ``ABLISERVE_SOAK_SEED`` (0).
 
 Also here, because a demo-model generation lasts long enough for an abort to land mid-stream:
 a client that disconnects (streaming or not) has its engine request aborted and its slot
@@ -35,9 +35,9 @@ from reliability_harness import served
 from abliserve.models import checkpoint_identity
 from abliserve.projection import site_names
 
-REQUESTS = int(os.environ.get("ABLISERVE_SOAK_REQUESTS", "32"))
-CONCURRENCY = int(os.environ.get("ABLISERVE_SOAK_CONCURRENCY", "16"))
-MAX_TOKENS = int(os.environ.get("ABLISERVE_SOAK_MAX_TOKENS", "8"))
+REQUESTS = int(os.environ.get("ABLISERVE_SOAK_REQUESTS", "24"))
+CONCURRENCY = int(os.environ.get("ABLISERVE_SOAK_CONCURRENCY", "12"))
+MAX_TOKENS = int(os.environ.get("ABLISERVE_SOAK_MAX_TOKENS", "6"))
 SEED = int(os.environ.get("ABLISERVE_SOAK_SEED", "0"))
 RSS_GROWTH_BOUND = 1.25  # after / before; CPU allocators keep some of a big batch's memory
 TIMEOUT_S = 900  # hang guard only
@@ -234,9 +234,18 @@ def test_soak_transformers(transformers_server) -> None:
     print(f"transformers soak: {result}")
 
 
-def abort_count(server) -> float:
+def finished(server, **labels: str) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    return metric(text, "abliserve_requests_total", finish_reason="abort")
+    return metric(text, "abliserve_requests_total", **labels)
+
+
+def wait_for_finished(server, count: float, attempts: int = 600) -> None:
+    """Until ``count`` requests have finished in all (a request in prefill shows in no gauge)."""
+    for _ in range(attempts):
+        if finished(server) >= count:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the abandoned request never finished")
 
 
 def long_body(stream: bool) -> dict:
@@ -252,7 +261,7 @@ def long_body(stream: bool) -> dict:
 
 def test_streaming_client_disconnect_aborts_and_frees_the_slot(transformers_server) -> None:
     server = transformers_server
-    before = abort_count(server)
+    aborted, total = finished(server, finish_reason="abort"), finished(server)
     with (
         httpx.Client(base_url=server.url, timeout=TIMEOUT_S) as client,
         client.stream("POST", "/v1/chat/completions", json=long_body(True)) as response,
@@ -260,18 +269,20 @@ def test_streaming_client_disconnect_aborts_and_frees_the_slot(transformers_serv
         events = (line for line in response.iter_lines() if line.startswith("data: {"))
         next(events)  # the role chunk
         next(events)  # the first generated token: hang up mid-stream
+    wait_for_finished(server, total + 1)
     settle(server)
-    assert abort_count(server) == before + 1
+    assert finished(server, finish_reason="abort") == aborted + 1
 
 
 def test_non_streaming_client_disconnect_aborts_and_frees_the_slot(transformers_server) -> None:
     server = transformers_server
-    before = abort_count(server)
+    aborted, total = finished(server, finish_reason="abort"), finished(server)
     impatient = httpx.Timeout(TIMEOUT_S, read=3.0)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/chat/completions", json=long_body(False), timeout=impatient)
+    wait_for_finished(server, total + 1)
     settle(server)
-    assert abort_count(server) == before + 1
+    assert finished(server, finish_reason="abort") == aborted + 1
 
 
 @pytest.mark.vllm
