@@ -112,6 +112,7 @@ NAMED_CASES = {
     ),
     "huge string": ("/v1/completions", {"model": MODEL, "prompt": "x" * 10 * MAX_BODY_BYTES}, {}),
     "huge n": ("/v1/chat/completions", chat_body(n=10**9), {}),
+    "too many choices": ("/v1/completions", {"model": MODEL, "prompt": ["a"] * 40, "n": 2}, {}),
     "huge max_tokens": ("/v1/chat/completions", chat_body(max_tokens=10**30), {}),
     "negative max_tokens": (
         "/v1/completions",
