@@ -118,6 +118,11 @@ def main() -> None:
         "--dtype", default="float32", help="float32 default: CPUs without AVX512-BF16 emulate bf16"
     )
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument(
+        "--ablation-only",
+        action="store_true",
+        help="only the abliserve engine (ratios against its alpha=0 mix): one engine start",
+    )
     parser.add_argument("--kv-cache-gib", default="2", help="VLLM_CPU_KVCACHE_SPACE on CPU")
     args = parser.parse_args()
 
@@ -138,9 +143,10 @@ def main() -> None:
     baked = baked_checkpoint(checkpoint, artifact)
     print(HEADER)
     results: list[Measurement] = []
-    with environment(VLLM_PLUGINS="none"):
-        plain = VllmEngine(checkpoint, checkpoint_identity(checkpoint), {}, **options)
-        results += asyncio.run(measure_engine(plain, prompts, {"plain vLLM": [BASELINE]}, args))
+    if not args.ablation_only:
+        with environment(VLLM_PLUGINS="none"):
+            plain = VllmEngine(checkpoint, checkpoint_identity(checkpoint), {}, **options)
+            results += asyncio.run(measure_engine(plain, prompts, {"plain vLLM": [BASELINE]}, args))
     ablating = VllmEngine(
         checkpoint, checkpoint_identity(checkpoint), {"refusal": artifact}, **options
     )
@@ -150,13 +156,15 @@ def main() -> None:
         "abliserve half 1/0": [FULL, BASELINE],
     }
     results += asyncio.run(measure_engine(ablating, prompts, mixes, args))
-    with environment(VLLM_PLUGINS="none"):
-        ceiling = VllmEngine(baked, checkpoint_identity(baked), {}, **options)
-        results += asyncio.run(
-            measure_engine(ceiling, prompts, {"baked alpha=1": [BASELINE]}, args)
-        )
+    if not args.ablation_only:
+        with environment(VLLM_PLUGINS="none"):
+            ceiling = VllmEngine(baked, checkpoint_identity(baked), {}, **options)
+            results += asyncio.run(
+                measure_engine(ceiling, prompts, {"baked alpha=1": [BASELINE]}, args)
+            )
 
-    base = {m.concurrency: m for m in results if m.label == "plain vLLM"}
+    reference = "abliserve alpha=0" if args.ablation_only else "plain vLLM"
+    base = {m.concurrency: m for m in results if m.label == reference}
     mode = "eager" if args.enforce_eager else "compiled"
     print(f"\n## vLLM ablation overhead ({mode}, {args.dtype}, {args.tokens} tokens/request)")
     print(HEADER)
