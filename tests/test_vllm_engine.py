@@ -209,7 +209,7 @@ def test_concurrent_mixed_requests_each_equal_their_solo_run(loop, engine, promp
     for i, tokens in enumerate(together):
         assert tokens == solo[i % len(combos)], f"request {i} ({jobs[i][1]}) differs from solo"
     # The strengths and directions really change the outputs, so the check can fail.
-    assert len({tuple(tokens) for tokens in solo}) >= len(combos) - 2
+    assert len({tuple(tokens) for tokens in solo}) >= 3
 
 
 def _transformers_greedy(model, prompt: list[int], hooks, strength: float) -> list[int]:
