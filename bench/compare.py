@@ -596,6 +596,7 @@ def main() -> None:
     parser.add_argument("--scaling-concurrency", type=int, default=4)
     parser.add_argument("--scaling-tokens", type=int, default=8)
     parser.add_argument("--min-free-gib", type=float, default=7.0, help="wait for this much RAM")
+    parser.add_argument("--resume", action="store_true", help="add to the last run's blocks")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     parser.add_argument("--run-block", help=argparse.SUPPRESS)
     parser.add_argument("--block-out", help=argparse.SUPPRESS)
@@ -616,6 +617,10 @@ def main() -> None:
     result = BlockResult({}, {}, [])
     peaks: dict[str, float] = {}
     failed: list[str] = []
+    if args.resume and RAW_JSON.exists():  # blocks of an earlier run that was cut short
+        saved = json.loads(RAW_JSON.read_text())
+        merge(result, BlockResult(**saved["result"]))
+        peaks.update(saved["peaks_gib"])
     for pass_ in range(args.passes):
         for name in blocks if pass_ % 2 == 0 else blocks[::-1]:
             outcome = spawn_block(name, argv, args.min_free_gib)
