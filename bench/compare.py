@@ -370,8 +370,8 @@ def check_tokens(tokens: dict[str, dict[str, list[int]]]) -> dict[str, str]:
             parts.append(f"vs {references}: {match.describe()}")
         if unablated is not None:
             parts.append(f"ablated rows vs {check.unablated}: {unablated.identical} identical")
-        outcome = verdict(match, unablated)
-        lines[check.key] = f"{outcome} ({'; '.join(parts)})"
+        outcome = verdict(match, unablated) if parts else "unchecked (reference not run)"
+        lines[check.key] = f"{outcome} ({'; '.join(parts)})" if parts else outcome
     return lines
 
 
@@ -632,6 +632,8 @@ def main() -> None:
             if not args.no_write:  # after every block, so a cut-short run keeps what it has
                 publish(result, peaks, failed, args, argv)
     print("\n" + report(result, peaks, args, argv, failed))
+    if not args.no_write and not blocks:  # --resume with no blocks: just re-render
+        publish(result, peaks, failed, args, argv)
 
 
 def publish(result: BlockResult, peaks, failed, args, argv) -> None:
