@@ -46,8 +46,9 @@ def ablate_tokens(
     """
     rows = out.shape[0]
     row_slots = slots[:rows]
-    alpha = strengths[:rows] * site_weights[row_slots]
-    return ablate(out, site_directions[row_slots], alpha)
+    # index_select, not advanced indexing: the latter's generic CPU kernel was 98% of the op.
+    alpha = strengths[:rows] * site_weights.index_select(0, row_slots)
+    return ablate(out, site_directions.index_select(0, row_slots), alpha)
 
 
 @ablate_tokens.register_fake
