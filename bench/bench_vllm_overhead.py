@@ -26,13 +26,6 @@ import statistics
 from dataclasses import dataclass
 
 import torch
-from abliserve.directions.artifact import load_artifact
-from abliserve.server.engines.base import (
-    BASELINE,
-    AblationSpec,
-    GenerationRequest,
-    SamplingOptions,
-)
 from loadgen import (
     DIRECTION,
     REPO,
@@ -45,7 +38,14 @@ from op_profile import profile_one_step
 
 from abliserve.datasets import load_instructions
 from abliserve.demo_model import provision_demo_model
+from abliserve.directions.artifact import load_artifact
 from abliserve.models import checkpoint_identity
+from abliserve.server.engines.base import (
+    BASELINE,
+    AblationSpec,
+    GenerationRequest,
+    SamplingOptions,
+)
 
 PROMPTS = REPO / "bench/data/harmless_test.json"
 FULL = AblationSpec("refusal", 1.0)
@@ -126,8 +126,9 @@ def main() -> None:
     parser.add_argument("--kv-cache-gib", default="2", help="VLLM_CPU_KVCACHE_SPACE on CPU")
     args = parser.parse_args()
 
-    from abliserve.server.engines.vllm_engine import VllmEngine
     from transformers import AutoTokenizer
+
+    from abliserve.server.engines.vllm_engine import VllmEngine
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", args.kv_cache_gib)
     checkpoint = provision_demo_model()

@@ -39,12 +39,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from abliserve.server.engines.base import (
-    BASELINE,
-    AblationSpec,
-    GenerationRequest,
-    SamplingOptions,
-)
 from loadgen import (
     BENCH,
     DIRECTION,
@@ -66,6 +60,13 @@ from stats import (
     over_rounds,
     run_metrics,
     verdict,
+)
+
+from abliserve.server.engines.base import (
+    BASELINE,
+    AblationSpec,
+    GenerationRequest,
+    SamplingOptions,
 )
 
 LEVELS = (1, 8, 32)
@@ -227,9 +228,9 @@ def tutorial_block(checkpoint: Path, artifact, prompts, args) -> BlockResult:
 def run_block(name: str, args) -> BlockResult:
     """Build the block's engine, measure its configurations, return the results."""
     import torch
-    from abliserve.directions.artifact import load_artifact
     from transformers import AutoTokenizer
 
+    from abliserve.directions.artifact import load_artifact
     from abliserve.models import checkpoint_identity, resolve_model
 
     torch.manual_seed(0)
@@ -280,7 +281,6 @@ def run_block(name: str, args) -> BlockResult:
 def exported(args) -> bool:
     """Whether the baked checkpoint is already in the cache (exporting loads the model)."""
     from abliserve.directions.artifact import load_artifact
-
     from abliserve.models import resolve_model
 
     return baked_path(resolve_model(args.model), load_artifact(args.direction)).exists()

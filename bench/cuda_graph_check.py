@@ -22,9 +22,9 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from abliserve.server.engines.vllm_op import ablate_tokens
 
 from abliserve.projection import ablate, normalise
+from abliserve.server.engines.vllm_op import ablate_tokens
 
 HIDDEN = 64
 MAX_TOKENS = 32

@@ -18,11 +18,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from abliserve.directions.artifact import DirectionArtifact
-from abliserve.server.engines.base import GenerationRequest
 from stats import RequestTrace
 
 from abliserve.demo_model import cache_root
+from abliserve.directions.artifact import DirectionArtifact
+from abliserve.server.engines.base import GenerationRequest
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent

@@ -12,15 +12,15 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from abliserve.clients.client import AbliserveClient
-from abliserve.server.ab_protocol import ABResponse, ABVariant
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from abliserve.clients.client import AbliserveClient
 from abliserve.datasets import load_instructions
 from abliserve.errors import UserError
 from abliserve.refusal import MarkerList
+from abliserve.server.ab_protocol import ABResponse, ABVariant
 
 MARKER_STYLES = {MarkerList.JAILBREAKBENCH.value: "bold red", MarkerList.HERETIC.value: "yellow"}
 PARALLEL_PROMPTS = 4  # prompts of a --file in flight at once; the server batches them

@@ -20,7 +20,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import openai
+from openai.types.chat import ChatCompletion
+
 from abliserve.clients.cli import DEFAULT_SERVER
+from abliserve.errors import UserError
 from abliserve.server.ab_protocol import (
     ABResponse,
     ABStreamDelta,
@@ -28,9 +31,6 @@ from abliserve.server.ab_protocol import (
     ABStreamStart,
     FirstTokenResponse,
 )
-from openai.types.chat import ChatCompletion
-
-from abliserve.errors import UserError
 
 
 class AbliserveError(UserError):

@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from abliserve.clients.ab_cli import parse_strength
-from abliserve.clients.client import AbliserveClient
 from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
+from abliserve.clients.ab_cli import parse_strength
+from abliserve.clients.client import AbliserveClient
 from abliserve.datasets import DatasetError, instructions_hash, load_instructions
 from abliserve.errors import UserError
 from abliserve.refusal import MarkerList, is_refusal

@@ -245,11 +245,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     import sys
     from dataclasses import asdict
 
+    from abliserve.datasets import load_instructions
     from abliserve.directions.artifact import load_artifact
     from abliserve.directions.evaluate import Evaluator
     from abliserve.directions.modelio import load_model
-
-    from abliserve.datasets import load_instructions
     from abliserve.models import checkpoint_identity, resolve_model
 
     if not all(math.isfinite(s) for s in args.strengths):
@@ -339,7 +338,6 @@ def _export(args: argparse.Namespace) -> int:
 
     from abliserve.directions.artifact import load_artifact
     from abliserve.directions.export import export_checkpoint
-
     from abliserve.models import resolve_model
 
     if not math.isfinite(args.strength):

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from abliserve.datasets import default_path, instructions_hash, load_instructions
 from abliserve.directions.artifact import DirectionArtifact
 from abliserve.directions.errors import DirectionError
 from abliserve.directions.extract import Activations, collect, mean_difference
@@ -23,8 +25,6 @@ from abliserve.directions.select import (
     score_candidates,
     site_tensors,
 )
-
-from abliserve.datasets import default_path, instructions_hash, load_instructions
 from abliserve.models import checkpoint_identity, read_config, resolve_model
 
 PROMPT_SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")

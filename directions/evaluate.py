@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from abliserve.directions.artifact import DirectionArtifact
-from abliserve.directions.modelio import chat_batches, first_token_logprobs, kl_divergence
 from torch import nn
 from tqdm import tqdm
 
 from abliserve.bank import DirectionBank
+from abliserve.directions.artifact import DirectionArtifact
+from abliserve.directions.modelio import chat_batches, first_token_logprobs, kl_divergence
 from abliserve.hooks import AblationHooks
 from abliserve.refusal import MarkerList, is_refusal
 

@@ -14,10 +14,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from abliserve.directions.artifact import DirectionArtifact
-from abliserve.directions.errors import DirectionError
 from torch import nn
 
+from abliserve.directions.artifact import DirectionArtifact
+from abliserve.directions.errors import DirectionError
 from abliserve.hooks import writer_modules
 from abliserve.models import SOURCE_FILE, checkpoint_identity, model_display_id
 from abliserve.projection import (

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from abliserve.directions.errors import DirectionError
-from abliserve.directions.modelio import chat_batches, first_token_logprobs, refusal_scores
 from torch import nn
 from tqdm import tqdm
 
+from abliserve.directions.errors import DirectionError
+from abliserve.directions.modelio import chat_batches, first_token_logprobs, refusal_scores
 from abliserve.hooks import decoder_of
 from abliserve.projection import normalise, project_out
 

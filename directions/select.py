@@ -17,16 +17,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
+from tqdm import tqdm
+
+from abliserve.bank import DirectionBank
 from abliserve.directions.modelio import (
     chat_batches,
     first_token_logprobs,
     kl_divergence,
     refusal_scores,
 )
-from torch import nn
-from tqdm import tqdm
-
-from abliserve.bank import DirectionBank
 from abliserve.hooks import AblationHooks, decoder_of
 from abliserve.projection import site_names
 

@@ -35,6 +35,11 @@ from contextlib import aclosing
 from importlib import resources
 
 import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from abliserve.refusal import MarkerList, matched_markers
 from abliserve.server.ab_protocol import (
     ABRequest,
     ABResponse,
@@ -68,11 +73,6 @@ from abliserve.server.policy import (
     resolve_ablation,
 )
 from abliserve.server.protocol import AblationApplied
-from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
-from pydantic import BaseModel
-
-from abliserve.refusal import MarkerList, matched_markers
 
 router = APIRouter()
 STATIC = resources.files("abliserve.clients") / "static"

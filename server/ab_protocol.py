@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from abliserve.server.protocol import SEED_MAX, SEED_MIN, AblationApplied
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
+
+from abliserve.server.protocol import SEED_MAX, SEED_MIN, AblationApplied
 
 MAX_VARIANTS = 8  # ablated variants per A/B request, besides the baseline
 

@@ -14,7 +14,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
+from abliserve.projection import site_layer
 from abliserve.server.ab import router as ab_router
 from abliserve.server.completions import CompletionService
 from abliserve.server.engines import EngineOptions, create_engine
@@ -25,11 +30,6 @@ from abliserve.server.metrics import ServerMetrics
 from abliserve.server.openai_api import ApiState, router
 from abliserve.server.policy import ApiKeys, ServerPolicy
 from abliserve.server.protocol import DirectionCard, DirectionList, ModelCard, ModelList
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from abliserve.projection import site_layer
 
 log = logging.getLogger(__name__)
 

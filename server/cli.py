@@ -191,12 +191,11 @@ def vllm_options(args: argparse.Namespace, engine: str) -> dict:
 def build_config(args: argparse.Namespace):
     """Resolve and validate every flag into a :class:`ServerConfig` (no model loaded yet)."""
     from abliserve.directions.artifact import load_artifact
+    from abliserve.models import checkpoint_identity, resolve_model
     from abliserve.server.app import ServerConfig
     from abliserve.server.engines import EngineOptions, resolve_engine_kind
     from abliserve.server.limits import RequestLimits
     from abliserve.server.policy import ServerPolicy, load_keys
-
-    from abliserve.models import checkpoint_identity, resolve_model
 
     model = args.model or ("demo" if args.demo else None)
     if model is None:
@@ -262,6 +261,7 @@ def serve_command(args: argparse.Namespace) -> int:
     import logging
 
     import uvicorn
+
     from abliserve.server.app import create_app
 
     config = build_config(args)

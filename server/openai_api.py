@@ -17,6 +17,10 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
 from abliserve.server.completions import CompletionService, Delta, collect, merge, stop_token_ids
 from abliserve.server.engines.base import AblationSpec, EngineError, SamplingOptions, TokenLogprob
 from abliserve.server.errors import ApiError, bad_request, error_body
@@ -52,9 +56,6 @@ from abliserve.server.protocol import (
     TopLogprob,
     Usage,
 )
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
 
 router = APIRouter()
 Body = TypeVar("Body", bound=BaseModel)

@@ -20,10 +20,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from abliserve.errors import UserError
 from abliserve.server.engines.base import BASELINE, AblationSpec
 from abliserve.server.errors import ApiError, bad_request
-
-from abliserve.errors import UserError
 
 STRENGTH_HEADER = "X-Ablation-Strength"
 DIRECTION_HEADER = "X-Ablation-Direction"

@@ -69,9 +69,9 @@ def running_server(*args: str, log_path: Path) -> Iterator[str]:
 
 def tiny_direction(checkpoint: Path, path: Path, seed: int) -> Path:
     """A random unit direction per site for the tiny checkpoint, saved as an artifact."""
-    from abliserve.directions.artifact import DirectionArtifact
     from tiny_models import random_directions
 
+    from abliserve.directions.artifact import DirectionArtifact
     from abliserve.models import checkpoint_identity
 
     identity = checkpoint_identity(checkpoint)

@@ -14,6 +14,10 @@ import httpx
 import pytest
 import tiny_models
 import torch
+from conftest import free_port
+from server_harness import running_server, tiny_direction
+
+from abliserve.cli import main
 from abliserve.clients.client import (
     AbliserveClient,
     RequestRejectedError,
@@ -21,10 +25,6 @@ from abliserve.clients.client import (
     ServerURLError,
 )
 from abliserve.server.ab_protocol import ABStreamDelta, ABStreamResult, ABStreamStart
-from conftest import free_port
-from server_harness import running_server, tiny_direction
-
-from abliserve.cli import main
 
 FULL_KEY = "sk-ab-full"
 CAPPED_KEY = "sk-ab-capped"
@@ -165,10 +165,10 @@ def test_bad_ab_requests_are_openai_errors(tiny, body, headers, status, fragment
 
 
 def test_first_token_kl_equals_a_direct_computation(client, tiny):
-    from abliserve.directions.artifact import load_artifact
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from abliserve.bank import DirectionBank
+    from abliserve.directions.artifact import load_artifact
     from abliserve.hooks import AblationHooks
 
     strengths = [0.5, 1.0]

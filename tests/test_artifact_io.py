@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from tiny_models import random_directions
+
 from abliserve.directions.artifact import (
     ArtifactError,
     DirectionArtifact,
     ModelIdentity,
     load_artifact,
 )
-from safetensors.torch import save_file
-from tiny_models import random_directions
-
 from abliserve.projection import site_names
 
 IDENTITY = ModelIdentity("tiny/llama", hidden_size=32, num_layers=3, fingerprint="ab" * 32)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from abliserve.clients.client import (
     ServerURLError,
     _sse_events,
@@ -22,7 +23,6 @@ from abliserve.clients.evaluate import (
     parse_strengths,
     plan,
 )
-
 from abliserve.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from abliserve.directions.artifact import load_artifact
-from abliserve.directions.evaluate import Evaluator
-from abliserve.directions.modelio import load_model
 
 from abliserve.cli import main
 from abliserve.datasets import load_instructions
+from abliserve.directions.artifact import load_artifact
+from abliserve.directions.evaluate import Evaluator
+from abliserve.directions.modelio import load_model
 from abliserve.models import checkpoint_identity
 from abliserve.refusal import is_refusal
 

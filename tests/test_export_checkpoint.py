@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from abliserve.directions.artifact import ArtifactError, DirectionArtifact
-from abliserve.directions.errors import DirectionError
-from abliserve.directions.export import export_checkpoint
 from tiny_models import checkpoint, random_directions
 
 from abliserve.bank import DirectionBank
+from abliserve.directions.artifact import ArtifactError, DirectionArtifact
+from abliserve.directions.errors import DirectionError
+from abliserve.directions.export import export_checkpoint
 from abliserve.hooks import AblationHooks
 from abliserve.models import checkpoint_identity
 from abliserve.projection import site_names

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from abliserve.errors import UserError
 from abliserve.server.engines.base import BASELINE, AblationSpec
 from abliserve.server.errors import ApiError
 from abliserve.server.policy import (
@@ -18,8 +20,6 @@ from abliserve.server.policy import (
     load_keys,
     resolve_ablation,
 )
-
-from abliserve.errors import UserError
 
 SERVER = ServerPolicy(directions=("refusal", "other"), strength_range=(-1.0, 1.0))
 

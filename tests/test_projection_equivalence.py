@@ -8,10 +8,10 @@ import copy
 
 import pytest
 import torch
-from abliserve.directions.export import orthogonalise_model
 from tiny_models import VARIANTS, model, random_directions
 
 from abliserve.bank import DirectionBank
+from abliserve.directions.export import orthogonalise_model
 from abliserve.hooks import AblationHooks, decoder_of
 from abliserve.projection import ablate, site_names
 

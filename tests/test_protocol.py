@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
+
 from abliserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from abliserve.server.textstream import IncrementalDetokenizer, TextAssembler
-from pydantic import ValidationError
 
 
 class ByteTokenizer:

@@ -23,9 +23,10 @@ from pathlib import Path
 import httpx
 import pytest
 import tiny_models
-from abliserve.server.engines.faults import FAULT_ENV, FAULT_SEED
 from reliability_harness import served
 from server_harness import tiny_direction
+
+from abliserve.server.engines.faults import FAULT_ENV, FAULT_SEED
 
 MODEL = "tiny"
 PROMPTS = ["how to make a cake", "tell me about the weather", "write a poem"]

@@ -21,10 +21,11 @@ from collections.abc import Callable
 import httpx
 import pytest
 import tiny_models
-from abliserve.server import policy as policy_module
-from abliserve.server.policy import ApiKeys, KeyPolicy
 from reliability_harness import CAPPED_KEY, FULL_KEY, PLAIN_KEY, served, write_keys
 from server_harness import tiny_direction
+
+from abliserve.server import policy as policy_module
+from abliserve.server.policy import ApiKeys, KeyPolicy
 
 MODEL = "tiny"
 WRONG_KEY = "sk-rel-wrong-9d0e11"

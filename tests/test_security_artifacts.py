@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from abliserve.directions import artifact as artifact_module
 from abliserve.directions.artifact import (
     METADATA_KEY,
@@ -23,7 +25,6 @@ from abliserve.directions.artifact import (
     ModelIdentity,
     load_artifact,
 )
-from safetensors.torch import save_file
 
 IDENTITY = ModelIdentity("tiny/llama", hidden_size=8, num_layers=2, fingerprint="ab" * 32)
 SITES = 2 * IDENTITY.num_layers + 1

@@ -15,9 +15,9 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from abliserve.directions.artifact import DirectionArtifact, load_artifact
 from server_harness import running_server
 
+from abliserve.directions.artifact import DirectionArtifact, load_artifact
 from abliserve.projection import normalise
 from abliserve.refusal import is_refusal
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from abliserve.directions.artifact import DirectionArtifact
 from reliability_harness import served
 
+from abliserve.directions.artifact import DirectionArtifact
 from abliserve.models import checkpoint_identity
 from abliserve.projection import site_names
 

@@ -10,7 +10,10 @@ import time
 import pytest
 import tiny_models
 import torch
+from server_harness import tiny_direction
+
 from abliserve.directions.artifact import load_artifact
+from abliserve.models import checkpoint_identity
 from abliserve.server.engines.base import (
     BASELINE,
     AblationSpec,
@@ -20,9 +23,6 @@ from abliserve.server.engines.base import (
 from abliserve.server.engines.kv_batch import KVBatch
 from abliserve.server.engines.sampling import make_generator, sample_token
 from abliserve.server.engines.transformers_engine import TransformersEngine
-from server_harness import tiny_direction
-
-from abliserve.models import checkpoint_identity
 
 PROMPTS = [
     [3, 4, 11, 12, 13, 14, 15, 2, 3, 5],

@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
+from abliserve.projection import ablate, normalise, site_names
 from abliserve.server.engines import vllm_plugin
 from abliserve.server.engines.vllm_op import ablate_tokens
 from abliserve.server.engines.vllm_routing import (
@@ -17,9 +20,6 @@ from abliserve.server.engines.vllm_routing import (
     ablation_extra_args,
     request_route,
 )
-from torch import nn
-
-from abliserve.projection import ablate, normalise, site_names
 
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN = 16

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
-from abliserve.server.engines.base import Engine
-
 from abliserve.errors import UserError
+from abliserve.server.engines.base import Engine
 
 ENGINE_CHOICES = ("auto", "vllm", "transformers")
 VLLM_ENGINE_MODULE = "abliserve.server.engines.vllm_engine"

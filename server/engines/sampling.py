@@ -10,6 +10,7 @@ from __future__ import annotations
 import secrets
 
 import torch
+
 from abliserve.server.engines.base import SamplingOptions, TokenLogprob
 
 

@@ -31,7 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from abliserve.bank import DirectionBank
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
+from abliserve.projection import site_names
 from abliserve.server.engines.base import (
     Engine,
     EngineError,
@@ -40,9 +43,6 @@ from abliserve.server.engines.base import (
 )
 from abliserve.server.engines.kv_batch import KVBatch, check_supported
 from abliserve.server.engines.sampling import make_generator, sample_token, token_logprob
-
-from abliserve.bank import DirectionBank
-from abliserve.projection import site_names
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from abliserve.demo_model import cache_root
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
 from abliserve.server.engines.base import (
     Engine,
@@ -32,9 +33,16 @@ from abliserve.server.engines.base import (
 from abliserve.server.engines.vllm_plugin import force_v1_runner, plugin_config
 from abliserve.server.engines.vllm_routing import ablation_extra_args
 
-from abliserve.demo_model import cache_root
-
 log = logging.getLogger(__name__)
+
+
+def vllm_dtype(name: str) -> str:
+    """``auto`` means float32 on CPU, as in the transformers engine: vLLM's own ``auto`` takes the
+    checkpoint's bf16, which CPUs without AVX512-BF16 emulate slowly (and the two engines would
+    then disagree on tokens)."""
+    import torch
+
+    return "float32" if name == "auto" and not torch.cuda.is_available() else name
 
 
 class VllmEngine(Engine):
@@ -64,7 +72,7 @@ class VllmEngine(Engine):
             "model": str(self.checkpoint),
             "tensor_parallel_size": tensor_parallel_size,
             "max_model_len": max_model_len,
-            "dtype": dtype,
+            "dtype": vllm_dtype(dtype),
             "enforce_eager": enforce_eager,
             "enable_prefix_caching": enable_prefix_caching,
             "seed": seed,

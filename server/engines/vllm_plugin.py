@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from abliserve.directions.artifact import DirectionArtifact, load_artifact
-from abliserve.server.engines import vllm_op
-from abliserve.server.engines.vllm_routing import TokenRouting, request_route
 from torch import nn
 
 from abliserve.bank import DirectionBank
+from abliserve.directions.artifact import DirectionArtifact, load_artifact
 from abliserve.projection import site_names
+from abliserve.server.engines import vllm_op
+from abliserve.server.engines.vllm_routing import TokenRouting, request_route
 
 CONFIG_KEY = "abliserve"
 TESTED_VLLM_VERSIONS = ((0, 32), (0, 33))  # major.minor releases this plugin is tested against
