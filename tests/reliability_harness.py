@@ -1,7 +1,7 @@
 """A served ``abliserve serve`` subprocess whose process the test can see: its pid (memory,
 SIGTERM), its exit code and its whole log (nothing secret may appear there).
 
-``server_harness.running_server`` yields only a URL, which is all most API tests need; the
+``server_harness.running_server`` yields only the URL, which is all most API tests need; the
 reliability and security tests need the process itself, so they use :func:`served`.
 """
 

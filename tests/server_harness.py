@@ -6,65 +6,20 @@ uvicorn together, and a crash in it cannot take the test process down.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import torch
-from conftest import free_port
-
-STARTUP_TIMEOUT_S = 600  # generous: the test machine is shared and often saturated
+from reliability_harness import served
 
 
 @contextmanager
 def running_server(*args: str, log_path: Path) -> Iterator[str]:
-    """Run ``abliserve serve ARGS`` and yield its base URL once /health answers."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "abliserve.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        *args,
-    ]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(
-                        f"server exited ({process.returncode}):\n{log_path.read_text()}"
-                    )
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server did not start:\n{log_path.read_text()}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    """Run ``abliserve serve ARGS`` and yield its base URL once /health answers (the API tests
+    need only the URL; :func:`reliability_harness.served` also exposes the process)."""
+    with served(*args, "--log-level", "warning", log_path=log_path) as server:
+        yield server.url
 
 
 def tiny_direction(checkpoint: Path, path: Path, seed: int) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,10 @@ from abliserve.server.engines.base import (
 
 pytest.importorskip("vllm")
 from abliserve.server.engines.vllm_engine import VllmEngine
+
+# The bench's environment helper: engine processes read several variables when they start.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from loadgen import environment
 
 pytestmark = [pytest.mark.vllm, pytest.mark.real_model]
 
@@ -65,13 +70,8 @@ class LoopThread:
 @pytest.fixture(scope="module", autouse=True)
 def _small_kv_cache() -> Iterator[None]:
     """Other jobs share this machine's RAM: 1 GiB of KV cache per engine is plenty here."""
-    previous = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    yield
-    if previous is None:
-        del os.environ["VLLM_CPU_KVCACHE_SPACE"]
-    else:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = previous
+    with environment(VLLM_CPU_KVCACHE_SPACE="1"):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -120,21 +120,6 @@ def running(loop: LoopThread, engine: VllmEngine) -> Iterator[VllmEngine]:
         yield engine
     finally:
         loop.run(engine.shutdown())
-
-
-@contextmanager
-def environment(**values: str) -> Iterator[None]:
-    """Environment for the engine processes vLLM spawns while this block runs."""
-    previous = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -227,9 +212,9 @@ def _transformers_greedy(model, prompt: list[int], hooks, strength: float) -> li
     return tokens
 
 
-def test_vllm_and_transformers_agree_at_alpha_0_and_1(
-    loop, engine, prompts, demo_checkpoint, directions
-):
+@pytest.fixture(scope="module")
+def reference(demo_checkpoint, directions) -> Iterator[tuple[Any, Any]]:
+    """The transformers engine's model with the refusal direction's hooks: (model, hooks)."""
     from transformers import AutoModelForCausalLM
 
     from abliserve.bank import DirectionBank
@@ -240,12 +225,46 @@ def test_vllm_and_transformers_agree_at_alpha_0_and_1(
         {"refusal": refusal}, refusal.num_sites, refusal.model.hidden_size
     )
     model = AutoModelForCausalLM.from_pretrained(demo_checkpoint, dtype=torch.float32).eval()
-    jobs = [(prompt, spec) for prompt in prompts[:2] for spec in (BASELINE, FULL)]
     with AblationHooks(model, bank) as hooks:
-        reference = [_transformers_greedy(model, p, hooks, spec.strength) for p, spec in jobs]
+        yield model, hooks
+
+
+def test_vllm_and_transformers_agree_at_alpha_0_and_1(loop, engine, prompts, reference):
+    model, hooks = reference
+    jobs = [(prompt, spec) for prompt in prompts[:2] for spec in (BASELINE, FULL)]
+    expected = [_transformers_greedy(model, p, hooks, spec.strength) for p, spec in jobs]
     ours = generate_all(loop, engine, jobs, "vs-transformers")
-    assert ours == reference
-    assert reference[2] != reference[3]  # the lock question: refused at 0, answered at 1
+    assert ours == expected
+    assert expected[2] != expected[3]  # the lock question: refused at 0, answered at 1
+
+
+def test_full_vocabulary_first_token_distribution_matches_transformers(
+    loop, engine, prompts, tokenizer, reference
+):
+    """POST /v1/ab/first-token needs every token's first-token log-probability (its KL is over
+    the whole vocabulary): vLLM must return them all, and the KL(baseline || alpha 1) computed
+    from them must equal the transformers reference's."""
+    from abliserve.server.ab import kl_divergence
+
+    vocab = len(tokenizer)
+
+    async def distribution(spec: AblationSpec) -> dict[int, float]:
+        request = _request(prompts[1], spec, f"first-{spec.strength}", max_tokens=1, logprobs=vocab)
+        chunks = [chunk async for chunk in engine.generate(request)]
+        return chunks[0].logprobs[0].top
+
+    ours = [loop.run(distribution(spec)) for spec in (BASELINE, FULL)]
+    assert all(len(top) == vocab for top in ours)
+    model, hooks = reference
+    expected = []
+    with torch.no_grad():
+        for strength in (0.0, 1.0):
+            hooks.set_uniform(1 if strength else 0, strength, 1)
+            logits = model(input_ids=torch.tensor([prompts[1]])).logits[0, -1].double()
+            expected.append(torch.log_softmax(logits, -1))
+    kl_expected = float((expected[0].exp() * (expected[0] - expected[1])).sum())
+    assert kl_expected > 0.01  # the direction moves the first token, so the check can fail
+    assert kl_divergence(ours[0], ours[1]) == pytest.approx(kl_expected, rel=1e-2, abs=1e-4)
 
 
 def test_prefix_cache_is_shared_by_baseline_and_isolated_for_ablation(loop, engine, tokenizer):
@@ -258,16 +277,12 @@ def test_prefix_cache_is_shared_by_baseline_and_isolated_for_ablation(loop, engi
     sequence = [BASELINE, FULL, BASELINE]
 
     async def run(skip_cache: bool) -> list[tuple[list[int], int]]:
-        from vllm.inputs import TokensPrompt
-
         results = []
         for i, spec in enumerate(sequence):
             request = _request(prompt, spec, f"cache-{skip_cache}-{i}")
             params = engine.sampling_params(request)
             params.skip_reading_prefix_cache = skip_cache
-            inputs = TokensPrompt(prompt_token_ids=prompt)
-            if (salt := spec.cache_salt()) is not None:
-                inputs["cache_salt"] = salt
+            inputs = engine.prompt_inputs(request)  # the engine's own salting
             tokens, cached = [], 0
             async for output in engine._llm.generate(inputs, params, request.request_id):
                 tokens += output.outputs[0].token_ids

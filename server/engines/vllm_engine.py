@@ -76,6 +76,10 @@ class VllmEngine(Engine):
             "enforce_eager": enforce_eager,
             "enable_prefix_caching": enable_prefix_caching,
             "seed": seed,
+            # The first-token KL endpoint (POST /v1/ab/first-token) asks for the whole
+            # vocabulary's log-probabilities of one token; the HTTP layer caps what clients may
+            # ask for (top_logprobs <= 20), so lifting vLLM's own cap exposes nothing more.
+            "max_logprobs": -1,
         }
         if gpu_memory_utilization is not None:
             self.engine_args["gpu_memory_utilization"] = gpu_memory_utilization
@@ -150,17 +154,24 @@ class VllmEngine(Engine):
             extra_args=ablation_extra_args(slot, ablation.strength),
         )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    def prompt_inputs(self, request: GenerationRequest) -> Any:
+        """vLLM ``TokensPrompt`` of one request, salted for ablated requests so their K/V never
+        share prefix-cache blocks with another (direction, strength) (DESIGN.md §4)."""
         from vllm.inputs import TokensPrompt
+
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+        salt = request.ablation.cache_salt()
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        return prompt
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if self._llm is None:
             raise EngineError("the engine is not running")
         self.check_request(request)
-        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
-        salt = request.ablation.cache_salt()
-        if salt is not None:
-            prompt["cache_salt"] = salt
+        prompt = self.prompt_inputs(request)
         params = self.sampling_params(request)
         finished = False
         try:
