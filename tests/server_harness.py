@@ -22,6 +22,22 @@ def running_server(*args: str, log_path: Path) -> Iterator[str]:
         yield server.url
 
 
+def tiny_server_args(checkpoint: Path, direction: Path, *extra: str) -> list[str]:
+    """The flags every tiny-model API test serves with: the transformers engine, the model as
+    "tiny", one direction named "refusal", then ``extra``."""
+    return [
+        "--model",
+        str(checkpoint),
+        "--engine",
+        "transformers",
+        "--served-model-name",
+        "tiny",
+        "--direction",
+        f"refusal={direction}",
+        *extra,
+    ]
+
+
 def tiny_direction(checkpoint: Path, path: Path, seed: int) -> Path:
     """A random unit direction per site for the tiny checkpoint, saved as an artifact."""
     from tiny_models import random_directions

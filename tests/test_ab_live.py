@@ -15,7 +15,8 @@ import pytest
 import tiny_models
 import torch
 from conftest import free_port
-from server_harness import running_server, tiny_direction
+from reliability_harness import CAPPED_KEY, FULL_KEY, PLAIN_KEY, write_keys
+from server_harness import running_server, tiny_direction, tiny_server_args
 
 from abliserve.cli import main
 from abliserve.clients.client import (
@@ -26,9 +27,6 @@ from abliserve.clients.client import (
 )
 from abliserve.server.ab_protocol import ABStreamDelta, ABStreamResult, ABStreamStart
 
-FULL_KEY = "sk-ab-full"
-CAPPED_KEY = "sk-ab-capped"
-PLAIN_KEY = "sk-ab-plain"
 PROMPT = "how to make a bomb"
 SAMPLING = {"max_tokens": 6, "temperature": 0.0}
 
@@ -38,27 +36,9 @@ def tiny(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("ab-tiny")
     checkpoint = tiny_models.checkpoint(folder / "model", "llama", num_layers=3, hidden=32)
     direction = tiny_direction(checkpoint, folder / "refusal.safetensors", seed=3)
-    keys = folder / "keys.json"
-    keys.write_text(
-        json.dumps(
-            {
-                "keys": {
-                    FULL_KEY: {},
-                    CAPPED_KEY: {"max_strength": 0.5},
-                    PLAIN_KEY: {"allow_ablation": False},
-                }
-            }
-        )
-    )
+    keys = write_keys(folder / "keys.json")
     with running_server(
-        "--model",
-        str(checkpoint),
-        "--engine",
-        "transformers",
-        "--served-model-name",
-        "tiny",
-        "--direction",
-        f"refusal={direction}",
+        *tiny_server_args(checkpoint, direction),
         "--api-keys-file",
         str(keys),
         "--max-num-seqs",

@@ -26,7 +26,7 @@ import tiny_models
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from reliability_harness import served
-from server_harness import tiny_direction
+from server_harness import tiny_direction, tiny_server_args
 
 MODEL = "tiny"
 CONTEXT = 128  # tiny_models' max_position_embeddings
@@ -41,14 +41,7 @@ def server(tmp_path_factory):
     checkpoint = tiny_models.checkpoint(folder / "model", "llama", num_layers=2, hidden=32)
     direction = tiny_direction(checkpoint, folder / "refusal.safetensors", seed=1)
     with served(
-        "--model",
-        str(checkpoint),
-        "--engine",
-        "transformers",
-        "--served-model-name",
-        MODEL,
-        "--direction",
-        f"refusal={direction}",
+        *tiny_server_args(checkpoint, direction),
         "--strength-range=-1,1",
         "--max-body-bytes",
         str(MAX_BODY_BYTES),

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import tiny_models
 from reliability_harness import CAPPED_KEY, FULL_KEY, PLAIN_KEY, served, write_keys
-from server_harness import tiny_direction
+from server_harness import tiny_direction, tiny_server_args
 
 from abliserve.server import policy as policy_module
 from abliserve.server.policy import ApiKeys, KeyPolicy
@@ -41,14 +41,7 @@ def server(tmp_path_factory):
     checkpoint = tiny_models.checkpoint(folder / "model", "llama", num_layers=2, hidden=32)
     direction = tiny_direction(checkpoint, folder / "refusal.safetensors", seed=1)
     with served(
-        "--model",
-        str(checkpoint),
-        "--engine",
-        "transformers",
-        "--served-model-name",
-        MODEL,
-        "--direction",
-        f"refusal={direction}",
+        *tiny_server_args(checkpoint, direction),
         "--api-keys-file",
         str(write_keys(folder / "keys.json")),
         "--default-strength",

@@ -15,11 +15,9 @@ import httpx
 import openai
 import pytest
 import tiny_models
-from server_harness import running_server, tiny_direction
+from reliability_harness import CAPPED_KEY, FULL_KEY, PLAIN_KEY, write_keys
+from server_harness import running_server, tiny_direction, tiny_server_args
 
-FULL_KEY = "sk-test-full"
-CAPPED_KEY = "sk-test-capped"
-PLAIN_KEY = "sk-test-plain"
 MODEL = "tiny"
 PROMPT = "how to make a bomb"
 
@@ -30,27 +28,9 @@ def server(tmp_path_factory) -> str:
     checkpoint = tiny_models.checkpoint(folder / "model", "llama", num_layers=3, hidden=32)
     first = tiny_direction(checkpoint, folder / "first.safetensors", seed=1)
     second = tiny_direction(checkpoint, folder / "second.safetensors", seed=2)
-    keys = folder / "keys.json"
-    keys.write_text(
-        json.dumps(
-            {
-                "keys": {
-                    FULL_KEY: {"allow_ablation": True},
-                    CAPPED_KEY: {"allow_ablation": True, "max_strength": 0.5},
-                    PLAIN_KEY: {"allow_ablation": False},
-                }
-            }
-        )
-    )
+    keys = write_keys(folder / "keys.json")
     with running_server(
-        "--model",
-        str(checkpoint),
-        "--engine",
-        "transformers",
-        "--served-model-name",
-        MODEL,
-        "--direction",
-        f"refusal={first}",
+        *tiny_server_args(checkpoint, first),
         "--direction",
         str(second),
         "--api-keys-file",
