@@ -15,7 +15,9 @@ import torch
 def profile_one_step(hidden: int, sites: int, rows: int, dtype: torch.dtype) -> tuple[float, str]:
     """(milliseconds per decode step, profiler table) of ``sites`` op calls on [rows, hidden],
     half the rows ablated, as in a 50/50 mixed batch."""
-    from abliserve.server.engines.vllm_op import ablate_tokens
+    from abliserve.server.engines import vllm_op  # noqa: F401  (registers the op)
+
+    ablate_tokens = torch.ops.abliserve.ablate_tokens  # what the engine's writer hooks call
 
     torch.manual_seed(0)
     directions = torch.nn.functional.normalize(torch.randn(2, hidden), dim=-1)
