@@ -18,8 +18,10 @@ STRENGTHS="${SEARCH_STRENGTHS:-1}"
 BIN=.venv/bin
 mkdir -p "$WORK/artifacts" "$WORK/eval"
 
-# name | compute flags (all share --train-count 192, so one activation cache serves them)
-VARIANTS=(
+# name | compute flags (all share --train-count 192, so one activation cache serves them).
+# SEARCH_VARIANTS (one "name|flags" per line) replaces the list; an artifact already present as
+# WORK/artifacts/NAME.safetensors is used as it is (e.g. a copy of the committed one).
+DEFAULT_VARIANTS=(
     "f14|--layer 14 --filter-prompts"
     "f13|--layer 13 --filter-prompts"
     "f15|--layer 15 --filter-prompts"
@@ -35,6 +37,11 @@ VARIANTS=(
     "f13k12|--layer 13 --filter-prompts --width 12 --min-weight 0.2"
     "f15k12|--layer 15 --filter-prompts --width 12 --min-weight 0.2"
 )
+if [[ -n "${SEARCH_VARIANTS:-}" ]]; then
+    mapfile -t VARIANTS <<< "$SEARCH_VARIANTS"
+else
+    VARIANTS=("${DEFAULT_VARIANTS[@]}")
+fi
 
 directions=()
 for variant in "${VARIANTS[@]}"; do
@@ -79,15 +86,17 @@ evaluate() {  # $1 = variant name
         --strengths "$STRENGTHS" --max-tokens 64 --concurrency 32 --out "$WORK/eval/$1"
 }
 
-first="${VARIANTS[0]%%|*}"
-evaluate "$first" > "$WORK/eval/$first.log"
-for variant in "${VARIANTS[@]:1}"; do
+# The shared baseline (strength 0) rows: from WORK/baseline.jsonl if a previous search left
+# one there, else from the first variant's run. Each variant's eval resumes from them.
+for variant in "${VARIANTS[@]}"; do
     name="${variant%%|*}"
     mkdir -p "$WORK/eval/$name"
-    # Seed the shared baseline (strength 0) rows; eval resumes from them.
-    grep '"key": "[a-z]*/[0-9]*/0.0"' "$WORK/eval/$first/results.jsonl" \
-        > "$WORK/eval/$name/results.jsonl" || true
+    if [[ -f "$WORK/baseline.jsonl" && ! -f "$WORK/eval/$name/results.jsonl" ]]; then
+        cp "$WORK/baseline.jsonl" "$WORK/eval/$name/results.jsonl"
+    fi
     evaluate "$name" > "$WORK/eval/$name.log"
+    [[ -f "$WORK/baseline.jsonl" ]] ||
+        grep '"key": "[a-z]*/[0-9]*/0.0"' "$WORK/eval/$name/results.jsonl" > "$WORK/baseline.jsonl"
 done
 
 "$BIN/python" - "$WORK" "${VARIANTS[@]}" <<'PY'
