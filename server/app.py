@@ -23,6 +23,7 @@ from abliserve.projection import site_layer
 from abliserve.server.ab import router as ab_router
 from abliserve.server.completions import CompletionService
 from abliserve.server.engines import EngineOptions, create_engine
+from abliserve.server.engines.base import EngineError
 from abliserve.server.engines.faults import faults_enabled, inject_faults
 from abliserve.server.errors import ApiError, error_body
 from abliserve.server.limits import LimitsMiddleware, RequestLimits
@@ -144,9 +145,18 @@ def create_app(config: ServerConfig) -> FastAPI:
             error_body(500, f"internal error: {type(error).__name__}"), status_code=500
         )
 
+    @app.exception_handler(EngineError)
+    async def engine_failed(request: Request, error: EngineError) -> JSONResponse:
+        log.error("engine error serving %s: %s", request.url.path, error)
+        count_error(request, error.status)
+        return JSONResponse(error_body(error.status, str(error)), status_code=error.status)
+
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "engine": app.state.engine.name}
+    async def health() -> JSONResponse:
+        reason = app.state.engine.stopped()
+        if reason is not None:
+            return JSONResponse(error_body(503, reason), status_code=503)
+        return JSONResponse({"status": "ok", "engine": app.state.engine.name})
 
     @app.get("/metrics")
     async def metrics() -> Response:

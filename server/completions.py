@@ -26,7 +26,7 @@ from abliserve.server.engines.base import (
     SamplingOptions,
     TokenLogprob,
 )
-from abliserve.server.errors import bad_request
+from abliserve.server.errors import ApiError, bad_request
 from abliserve.server.metrics import ServerMetrics, ablation_label
 from abliserve.server.textstream import TextAssembler
 
@@ -108,7 +108,11 @@ class CompletionService:
         param: str = "max_tokens",
         prompt_param: str = "messages",
     ) -> int:
-        """Check the context budget; unset ``max_tokens`` means 'up to the context limit'."""
+        """Admit one request before any byte is sent: the engine still serves (else 503, also
+        for streams), and the context budget holds; unset ``max_tokens`` means 'up to the
+        context limit'."""
+        if (reason := self.engine.stopped()) is not None:
+            raise ApiError(503, reason)
         limit = self.engine.max_model_len
         if not prompt_ids:
             raise bad_request("the prompt is empty", prompt_param)

@@ -205,8 +205,7 @@ async def guarded_events(
                 if event is not None:
                     yield event
     except (EngineError, ApiError) as error:
-        status = error.status if isinstance(error, ApiError) else 500
-        yield sse(error_body(status, str(error)))
+        yield sse(error_body(error.status, str(error)))
     for event in tail():
         yield event
     yield "data: [DONE]\n\n"

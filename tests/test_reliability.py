@@ -26,7 +26,7 @@ import tiny_models
 from reliability_harness import served
 from server_harness import tiny_direction
 
-from abliserve.server.engines.faults import FAULT_ENV, FAULT_SEED
+from abliserve.server.engines.faults import FAULT_ENV, FAULT_SEED, STOP_SEED, STOPPED
 
 MODEL = "tiny"
 PROMPTS = ["how to make a cake", "tell me about the weather", "write a poem"]
@@ -128,6 +128,30 @@ def test_engine_error_fails_only_its_own_request(server) -> None:
     with httpx.Client(base_url=server.url, timeout=TIMEOUT_S) as client:
         again = client.post("/v1/chat/completions", json=chat_body(PROMPTS[0], 1.0))
         assert again.json()["choices"][0]["token_ids"] == solo[1]["token_ids"]
+
+
+def test_a_stopped_engine_answers_503_everywhere_and_fails_health(tiny) -> None:
+    """When the engine can serve no more (a dead vLLM worker), every request is a 503 naming
+    the cause, streams included, and /health fails so a supervisor restarts the server."""
+    env = {FAULT_ENV: "1"}
+    with (
+        served(*serve_args(tiny), log_path=tiny["folder"] / "stop.log", env=env) as process,
+        httpx.Client(base_url=process.url, timeout=TIMEOUT_S) as client,
+    ):
+        assert client.get("/health").status_code == 200
+        stop = client.post("/v1/chat/completions", json=chat_body(PROMPTS[0], 0.0, seed=STOP_SEED))
+        later = [
+            client.post("/v1/chat/completions", json=chat_body(PROMPTS[1], 1.0)),
+            client.post("/v1/chat/completions", json=chat_body(PROMPTS[1], 0.0, stream=True)),
+            client.post(
+                "/v1/ab", json={"messages": [{"role": "user", "content": "hi"}], "stream": True}
+            ),
+            client.get("/health"),
+        ]
+        for response in [stop, *later]:
+            assert response.status_code == 503, response.text
+            error = response.json()["error"]
+            assert error["message"] == STOPPED and error["type"] == "server_error"
 
 
 def test_sigterm_lets_in_flight_requests_finish(tiny) -> None:

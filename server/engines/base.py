@@ -79,6 +79,15 @@ class GenerationChunk:
 class EngineError(RuntimeError):
     """A failure inside the engine while serving one request (reported as HTTP 500)."""
 
+    status = 500
+
+
+class EngineStoppedError(EngineError):
+    """The engine can serve nothing more (e.g. a vLLM worker process died): HTTP 503 for this
+    and every later request, and ``/health`` answers 503 too, so a supervisor restarts it."""
+
+    status = 503
+
 
 class Engine(abc.ABC):
     """One model, several named directions, many concurrent requests."""
@@ -111,6 +120,10 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its slot (idempotent)."""
+
+    def stopped(self) -> str | None:
+        """Why the engine can serve no more requests, or None while it can (``/health``)."""
+        return None
 
     def stats(self) -> dict[str, float]:
         """Engine gauges for /metrics (running and waiting requests)."""

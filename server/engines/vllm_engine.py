@@ -26,6 +26,7 @@ from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
 from abliserve.server.engines.base import (
     Engine,
     EngineError,
+    EngineStoppedError,
     GenerationChunk,
     GenerationRequest,
     TokenLogprob,
@@ -170,6 +171,8 @@ class VllmEngine(Engine):
 
         if self._llm is None:
             raise EngineError("the engine is not running")
+        if (reason := self.stopped()) is not None:
+            raise EngineStoppedError(reason)
         self.check_request(request)
         prompt = self.prompt_inputs(request)
         params = self.sampling_params(request)
@@ -184,10 +187,18 @@ class VllmEngine(Engine):
                     finish_reason=completion.finish_reason if finished else None,
                 )
         except EngineDeadError as error:
-            raise EngineError(f"the vLLM engine stopped: {error}") from error
+            raise EngineStoppedError(f"the vLLM engine stopped: {error}") from error
         finally:
             if not finished:
                 await self.abort(request.request_id)
+
+    def stopped(self) -> str | None:
+        if self._llm is not None and self._llm.errored:
+            return (
+                "the vLLM engine stopped (an engine or worker process died; the server log "
+                "says why); restart the server"
+            )
+        return None
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
