@@ -20,12 +20,16 @@ def plot_sweep(summaries: Sequence[StrengthSummary], path: Path, title: str) -> 
 
     strengths = [row.strength for row in summaries]
     figure, (refusals, damage) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for values, label, style in (
+    lines = [
         ([r.harmful_refusal_jailbreakbench for r in summaries], "harmful, JBB markers", "o-"),
         ([r.harmful_refusal_heretic for r in summaries], "harmful, heretic markers", "s--"),
-        ([r.harmless_refusal_jailbreakbench for r in summaries], "harmless, JBB markers", "^-"),
-        ([r.harmless_refusal_heretic for r in summaries], "harmless, heretic markers", "v--"),
-    ):
+    ]
+    if summaries[0].harmless_n:  # over-refusal, when the run had harmless prompts
+        lines += [
+            ([r.harmless_refusal_jailbreakbench for r in summaries], "harmless, JBB markers", "^-"),
+            ([r.harmless_refusal_heretic for r in summaries], "harmless, heretic markers", "v--"),
+        ]
+    for values, label, style in lines:
         refusals.plot(strengths, [100 * value for value in values], style, label=label)
     refusals.set(xlabel="ablation strength α", ylabel="refusal rate (%)", ylim=(-2, 102))
     refusals.set_title(
