@@ -19,12 +19,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
+from abliserve.errors import UserError
 from abliserve.projection import site_layer
 from abliserve.server.ab import router as ab_router
 from abliserve.server.completions import CompletionService
-from abliserve.server.engines import EngineOptions, create_engine
+from abliserve.server.engines import EngineOptions
 from abliserve.server.engines.base import EngineError
 from abliserve.server.engines.faults import faults_enabled, inject_faults
+from abliserve.server.engines.startup import start_engine
 from abliserve.server.errors import ApiError, error_body
 from abliserve.server.limits import LimitsMiddleware, RequestLimits
 from abliserve.server.metrics import ServerMetrics
@@ -50,6 +52,7 @@ class ServerConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     metrics_require_key: bool = False  # --metrics-require-key: /metrics needs a valid key
     health_require_key: bool = False  # --health-require-key: /health needs a valid key
+    verbose: bool = False  # --verbose: show the engine's own start-up output and tracebacks
 
 
 def load_tokenizer(checkpoint: Path):
@@ -61,17 +64,21 @@ def load_tokenizer(checkpoint: Path):
 def create_app(config: ServerConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(
-            config.engine,
-            config.checkpoint,
-            config.identity,
-            config.directions,
-            config.engine_options,
-        )
+        tokenizer = load_tokenizer(config.checkpoint)
+        try:
+            engine = await start_engine(
+                config.engine,
+                config.checkpoint,
+                config.identity,
+                config.directions,
+                config.engine_options,
+                verbose=config.verbose,
+            )
+        except UserError as error:
+            app.state.startup_error = error  # `abliserve serve` prints it as one line, exit 2
+            raise
         if faults_enabled():
             inject_faults(engine)
-        tokenizer = load_tokenizer(config.checkpoint)
-        await engine.start()
         app.state.engine = engine
         app.state.metrics = ServerMetrics(engine.stats)
         app.state.api = ApiState(
@@ -93,6 +100,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     app = FastAPI(title="abliserve", lifespan=lifespan)
     app.state.config = config
+    app.state.startup_error = None
     app.state.started = int(time.time())
     app.include_router(router)
     app.include_router(ab_router)  # /v1/ab, /v1/ab/first-token, the /ab page (issue 5)

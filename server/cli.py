@@ -7,6 +7,8 @@ key file) is reported as one ``abliserve: error:`` line before uvicorn starts.
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 import signal
 from pathlib import Path
 
@@ -144,7 +146,18 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="fraction of GPU memory vLLM may use (CPU: host RAM; see VLLM_CPU_KVCACHE_SPACE)",
     )
     vllm.add_argument(
-        "--enforce-eager", action="store_true", default=None, help="no torch.compile/CUDA graphs"
+        "--kv-cache-memory-bytes",
+        type=parse_bytes,
+        metavar="BYTES",
+        help="KV cache size, e.g. 2G (CPU default: sized from the NUMA node's available memory "
+        "after the weights, and the context fitted to it; the start-up log says what was chosen)",
+    )
+    vllm.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="no torch.compile/CUDA graphs (default on CPU: eager, the engine starts in seconds "
+        "instead of minutes; --no-enforce-eager compiles)",
     )
     vllm.add_argument(
         "--enable-prefix-caching",
@@ -154,6 +167,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the engine's own start-up output and full tracebacks when it cannot start",
     )
     serve.set_defaults(handler=serve_command)
 
@@ -167,6 +185,17 @@ def parse_range(text: str) -> tuple[float, float]:
     return low, high
 
 
+BYTE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``2G``, ``512M``, ``1073741824`` (binary multiples, like vLLM's memory flags)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size like 2G or 512M, got {text!r}")
+    return int(float(match.group(1)) * BYTE_SUFFIXES[match.group(2).upper()])
+
+
 def parse_direction(spec: str) -> tuple[str, Path]:
     name, sep, path = spec.partition("=")
     if not sep:
@@ -178,7 +207,12 @@ def parse_direction(spec: str) -> tuple[str, Path]:
 
 def vllm_options(args: argparse.Namespace, engine: str) -> dict:
     """The vLLM-only flags the user gave (the others keep vLLM's defaults)."""
-    names = ("tensor_parallel_size", "gpu_memory_utilization", "enforce_eager")
+    names = (
+        "tensor_parallel_size",
+        "gpu_memory_utilization",
+        "kv_cache_memory_bytes",
+        "enforce_eager",
+    )
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.enable_prefix_caching is not None:
         options["enable_prefix_caching"] = args.enable_prefix_caching
@@ -250,6 +284,7 @@ def build_config(args: argparse.Namespace):
         ),
         metrics_require_key=args.metrics_require_key,
         health_require_key=args.health_require_key,
+        verbose=args.verbose,
     )
 
 
@@ -258,8 +293,6 @@ def _exit_after_shutdown(signum: int, frame: object) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    import logging
-
     import uvicorn
 
     from abliserve.server.app import create_app
@@ -270,11 +303,25 @@ def serve_command(args: argparse.Namespace) -> int:
     # it found at start-up; make that handler a clean exit 0, which is what supervisors expect.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _exit_after_shutdown)
-    uvicorn.run(
-        create_app(config),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.shutdown_timeout,
+    app = create_app(config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.shutdown_timeout,
+        )
     )
+    if not args.verbose:
+        # An engine that cannot start is one `abliserve: error:` line (raised below), not
+        # uvicorn's "startup failed" traceback.
+        logging.getLogger("uvicorn.error").addFilter(lambda record: app.state.startup_error is None)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's exit 3 after a failed start; ours is the one line below
+        if app.state.startup_error is None:
+            raise
+    if app.state.startup_error is not None:
+        raise app.state.startup_error
     return 0

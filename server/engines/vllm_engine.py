@@ -31,6 +31,7 @@ from abliserve.server.engines.base import (
     GenerationRequest,
     TokenLogprob,
 )
+from abliserve.server.engines.vllm_cpu_sizing import on_cpu, size_vllm_args
 from abliserve.server.engines.vllm_plugin import force_v1_runner, plugin_config
 from abliserve.server.engines.vllm_routing import ablation_extra_args
 
@@ -41,9 +42,7 @@ def vllm_dtype(name: str) -> str:
     """``auto`` means float32 on CPU, as in the transformers engine: vLLM's own ``auto`` takes the
     checkpoint's bf16, which CPUs without AVX512-BF16 emulate slowly (and the two engines would
     then disagree on tokens)."""
-    import torch
-
-    return "float32" if name == "auto" and not torch.cuda.is_available() else name
+    return "float32" if name == "auto" and on_cpu() else name
 
 
 class VllmEngine(Engine):
@@ -61,9 +60,10 @@ class VllmEngine(Engine):
         max_model_len: int | None = None,
         gpu_memory_utilization: float | None = None,
         dtype: str = "auto",
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         enable_prefix_caching: bool = True,
         max_num_seqs: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(identity, directions)
@@ -74,7 +74,6 @@ class VllmEngine(Engine):
             "tensor_parallel_size": tensor_parallel_size,
             "max_model_len": max_model_len,
             "dtype": vllm_dtype(dtype),
-            "enforce_eager": enforce_eager,
             "enable_prefix_caching": enable_prefix_caching,
             "seed": seed,
             # The first-token KL endpoint (POST /v1/ab/first-token) asks for the whole
@@ -84,6 +83,10 @@ class VllmEngine(Engine):
         }
         if gpu_memory_utilization is not None:
             self.engine_args["gpu_memory_utilization"] = gpu_memory_utilization
+        if enforce_eager is not None:  # None: vLLM's default (on CPU: eager, vllm_cpu_sizing)
+            self.engine_args["enforce_eager"] = enforce_eager
+        if kv_cache_memory_bytes is not None:
+            self.engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         if max_num_seqs is not None:
             self.engine_args["max_num_seqs"] = max_num_seqs
         if directions:
@@ -103,7 +106,10 @@ class VllmEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         force_v1_runner()
-        args = AsyncEngineArgs(**self.engine_args, disable_log_stats=True)
+        engine_args = self.engine_args
+        if on_cpu():
+            engine_args = size_vllm_args(engine_args, self.checkpoint)
+        args = AsyncEngineArgs(**engine_args, disable_log_stats=True)
         self._llm = AsyncLLM.from_engine_args(args)
         model_config = self._llm.model_config
         self._max_model_len = int(model_config.max_model_len)
