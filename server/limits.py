@@ -22,7 +22,8 @@ requests that passed the key check are counted or have their body read:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from abliserve.server.errors import ApiError
@@ -50,6 +51,42 @@ def body_too_large(limit: int) -> ApiError:
     )
 
 
+def over_capacity(limit: int) -> ApiError:
+    return ApiError(
+        429,
+        f"the server is at its limit of {limit} concurrent requests; retry later",
+        code="rate_limit_exceeded",
+    )
+
+
+class Slots:
+    """The concurrency budget: one slot per generation request (taken by the middleware), plus
+    one per extra engine request for routes that fan out (``request.state.slots``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0  # one event loop: plain int arithmetic cannot race
+
+    def take(self, count: int = 1) -> bool:
+        if self.used + count > self.limit:
+            return False
+        self.used += count
+        return True
+
+    def give(self, count: int = 1) -> None:
+        self.used -= count
+
+    @contextmanager
+    def extra(self, count: int) -> Iterator[None]:
+        """Hold ``count`` more slots for the block, or raise 429 at once."""
+        if not self.take(count):
+            raise over_capacity(self.limit)
+        try:
+            yield
+        finally:
+            self.give(count)
+
+
 class LimitsMiddleware:
     """Enforce :class:`RequestLimits`; ``on_reject(status)`` counts refusals for /metrics."""
 
@@ -57,7 +94,7 @@ class LimitsMiddleware:
         self.app = app
         self.limits = limits
         self.on_reject = on_reject
-        self.in_flight = 0  # one event loop: plain int arithmetic cannot race
+        self.slots = Slots(limits.max_concurrent_requests)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -68,21 +105,13 @@ class LimitsMiddleware:
             await self._reject(body_too_large(self.limits.max_body_bytes), scope, receive, send)
             return
         counted = scope["path"].startswith("/v1/")
-        if counted and self.in_flight >= self.limits.max_concurrent_requests:
+        if counted and not self.slots.take():
             await self._reject(
-                ApiError(
-                    429,
-                    f"the server is at its limit of {self.limits.max_concurrent_requests} "
-                    "concurrent requests; retry later",
-                    code="rate_limit_exceeded",
-                ),
-                scope,
-                receive,
-                send,
+                over_capacity(self.limits.max_concurrent_requests), scope, receive, send
             )
             return
         if counted:
-            self.in_flight += 1
+            scope.setdefault("state", {})["slots"] = self.slots
         try:
             try:
                 body = await asyncio.wait_for(self._read_body(receive), self.limits.body_timeout_s)
@@ -112,7 +141,7 @@ class LimitsMiddleware:
             await _cancel_on_disconnect(lambda out: self.app(scope, replay, out), receive, send)
         finally:
             if counted:
-                self.in_flight -= 1
+                self.slots.give()
 
     async def _read_body(self, receive) -> bytes | None:
         """The whole body, or None once it grows past the limit (reading stops there)."""

@@ -376,6 +376,8 @@ class TransformersEngine(Engine):
             sampling = row.request.sampling
             token = sample_token(logits[i], sampling, row.generator)
             chunk = GenerationChunk(token_ids=[])
+            if sampling.full_distribution:
+                chunk.distribution = torch.log_softmax(logits[i], dim=-1).cpu()
             if token in row.stop_ids:
                 chunk.finish_reason = "stop"
             else:
