@@ -33,6 +33,7 @@ from abliserve.server.guard import AccessRules, GuardMiddleware
 from abliserve.server.limits import LimitsMiddleware, RequestLimits
 from abliserve.server.metrics import ServerMetrics
 from abliserve.server.openai_api import ApiState, router
+from abliserve.server.openapi_bodies import document_request_bodies
 from abliserve.server.policy import (
     APPLIED_HEADER,
     DIRECTION_HEADER,
@@ -121,7 +122,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.engine_death = None
     app.state.request_exit = None
     app.include_router(router)
-    app.include_router(ab_router)  # /v1/ab, /v1/ab/first-token, the /ab page (issue 5)
+    app.include_router(ab_router)  # /v1/ab, /v1/ab/first-token, the /ab page
+    document_request_bodies(app)
     keyed_paths = frozenset(
         path
         for path, required in (
