@@ -237,8 +237,8 @@ HOSTILE_METADATA = {
     "hidden size as text": lambda: json.dumps(
         good_metadata(model={**good_metadata()["model"], "hidden_size": "8"})
     ),
-    "layer count as bool": lambda: json.dumps(
-        good_metadata(model={**good_metadata()["model"], "num_layers": True})
+    "layer count as float": lambda: json.dumps(
+        good_metadata(model={**good_metadata()["model"], "num_layers": 2.0})
     ),
     "fingerprint not text": lambda: json.dumps(
         good_metadata(model={**good_metadata()["model"], "fingerprint": ["ab"]})
