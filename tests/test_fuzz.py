@@ -318,6 +318,7 @@ def test_schemathesis_finds_no_server_error(server) -> None:
 
             call()
     assert sum(calls.values()) >= len(operations)  # it really called
+    print(f"schemathesis: {sum(calls.values())} calls: {dict(sorted(calls.items()))}")  # -s
 
 
 def test_server_survived_and_freed_every_slot(server, http) -> None:
