@@ -23,7 +23,7 @@ from pathlib import Path
 
 from abliserve.errors import UserError
 from abliserve.server.engines.base import BASELINE, AblationSpec
-from abliserve.server.errors import ApiError, bad_request
+from abliserve.server.errors import ApiError, bad_request, shown
 
 STRENGTH_HEADER = "X-Ablation-Strength"
 DIRECTION_HEADER = "X-Ablation-Direction"
@@ -147,8 +147,9 @@ def resolve_ablation(ask: AblationAsk, server: ServerPolicy, key: KeyPolicy) -> 
 
     if direction is not None and direction not in server.directions:
         known = ", ".join(server.directions) or "none loaded"
+        quoted = f" {shown(direction)}" if ask.body_direction is not None else ""  # not a header
         raise bad_request(
-            f"unknown direction (known: {known})",
+            f"unknown direction{quoted} (known: {known})",
             "ablation.direction",
             "direction_not_found",
         )
