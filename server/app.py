@@ -123,7 +123,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.request_exit = None
     app.include_router(router)
     app.include_router(ab_router)  # /v1/ab, /v1/ab/first-token, the /ab page
-    document_request_bodies(app)
+    document_request_bodies(app, config.served_model_names)
     keyed_paths = frozenset(
         path
         for path, required in (

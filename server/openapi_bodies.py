@@ -24,9 +24,9 @@ REQUEST_BODIES: dict[str, type[BaseModel]] = {
 REF = "#/components/schemas/{model}"
 
 
-def document_request_bodies(app: FastAPI) -> None:
+def document_request_bodies(app: FastAPI, model_names: list[str]) -> None:
     """Make ``app.openapi()`` include each route's JSON request body (routes not served are
-    skipped)."""
+    skipped), with ``model`` restricted to the names this server serves."""
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -38,6 +38,10 @@ def document_request_bodies(app: FastAPI) -> None:
                     continue
                 body = model.model_json_schema(ref_template=REF)
                 components.update(body.pop("$defs", {}))
+                if "model" in body["properties"]:
+                    optional = "model" not in body.get("required", [])
+                    names = [*model_names, None] if optional else list(model_names)
+                    body["properties"]["model"] = {"title": "Model", "enum": names}
                 components[model.__name__] = body
                 operation["requestBody"] = {
                     "required": True,
