@@ -1,8 +1,10 @@
-"""The FastAPI application: lifespan (engine and tokenizer), auth, error shapes, small routes.
+"""The FastAPI application: lifespan (engine, tokenizer, engine watchdog), the middleware
+stack (CORS, :mod:`~abliserve.server.guard`, :mod:`~abliserve.server.limits`), error shapes,
+small routes.
 
 The generation routes live in :mod:`abliserve.server.openai_api`. Every error a client causes
 leaves as OpenAI-shaped JSON with the right status; anything else is a 500 of the same shape,
-and never takes the engine down.
+and never takes the engine down. A dead engine ends the server (:mod:`~abliserve.server.watchdog`).
 """
 
 from __future__ import annotations
