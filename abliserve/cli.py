@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from abliserve.errors import UserError
+from abliserve.errors import UserError, printable
 
 EXIT_USER_ERROR = 2
 
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except UserError as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"abliserve: error: {message}", file=sys.stderr)
+        print(f"abliserve: error: {printable(message)}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

@@ -5,3 +5,9 @@ keeps its traceback."""
 
 class UserError(Exception):
     """An error whose message tells the user what to change."""
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``): a message may quote a file's
+    contents or a path, and a terminal must never interpret escape sequences from them."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)

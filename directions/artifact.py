@@ -7,9 +7,14 @@ bounded, and every tensor is validated (shape, finiteness, unit rows) before any
 Layout (S = 2 * num_layers + 1 canonical sites, see :mod:`abliserve.projection`):
 
     directions  float32 [S, hidden]  unit row per site, or a zero row (site untouched)
-    weights     float32 [S]          per-site strength multiplier; effective alpha = alpha * w
+    weights     float32 [S]          per-site strength multiplier in [0, MAX_SITE_WEIGHT];
+                                     the effective strength at a site is alpha * w
     metadata    JSON under the header key ``abliserve``: model identity and fingerprint,
                 hidden size, layer count, method and parameters, dataset hashes, scores.
+
+Metadata is bounded too (size, nesting, string length, finite numbers, printable identity
+strings): it reaches ``GET /v1/directions`` and error lines, so a hostile file must fail here,
+at start-up, as one line, and never later as a 500, a recursion error or terminal escapes.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ FINGERPRINT_ROWS = 256
 MAX_LAYERS = 1024  # metadata beyond these bounds is hostile or corrupt, never a real model
 MAX_HIDDEN_SIZE = 1 << 17
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_SITE_WEIGHT = 2.0  # 1 removes the direction at strength 1; 2 reflects it; more is hostile
+MAX_METADATA_BYTES = 64 * 1024
+MAX_METADATA_DEPTH = 8  # nesting of method / datasets / scores
+MAX_METADATA_TEXT = 4096  # characters of any one metadata string
+MAX_IDENTITY_TEXT = 256  # model_id, revision, fingerprint
 
 
 class ArtifactError(UserError, ValueError):
@@ -162,29 +172,41 @@ def load_artifact(path: str | os.PathLike[str]) -> DirectionArtifact:
             f"direction artifact {path} is not a valid safetensors file: {error}"
         ) from None
     try:
-        meta = json.loads(header[METADATA_KEY])
+        raw = header[METADATA_KEY]
+        if len(raw) > MAX_METADATA_BYTES:
+            raise ArtifactError(
+                f"direction artifact {path} metadata is {len(raw)} bytes, over the "
+                f"{MAX_METADATA_BYTES}-byte limit"
+            )
+        meta = json.loads(raw)
         if not isinstance(meta, dict):
             raise ArtifactError(f"direction artifact {path} metadata is not a JSON object")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(
-                f"direction artifact {path} has format version {meta.get('format_version')}, "
-                f"this abliserve reads version {FORMAT_VERSION}"
+                f"direction artifact {path} has an unknown format version (this abliserve "
+                f"reads version {FORMAT_VERSION})"
             )
         model_meta = meta["model"]
         model = ModelIdentity(
-            model_id=str(model_meta["model_id"]),
-            hidden_size=int(model_meta["hidden_size"]),
-            num_layers=int(model_meta["num_layers"]),
-            fingerprint=str(model_meta["fingerprint"]),
-            revision=model_meta.get("revision"),
+            model_id=_identity_text(model_meta["model_id"], "model.model_id"),
+            hidden_size=_count(model_meta["hidden_size"], "model.hidden_size"),
+            num_layers=_count(model_meta["num_layers"], "model.num_layers"),
+            fingerprint=_identity_text(model_meta["fingerprint"], "model.fingerprint"),
+            revision=_identity_text(model_meta.get("revision"), "model.revision", optional=True),
         )
         extras = {name: meta.get(name) or {} for name in ("method", "datasets", "scores")}
         if not all(isinstance(value, dict) for value in extras.values()):
             raise ArtifactError(
                 f"direction artifact {path}: method, datasets and scores must be JSON objects"
             )
-    except ArtifactError:
-        raise
+        for name, value in extras.items():
+            _check_json(value, name, 1)
+    except ArtifactError as error:
+        if str(error).startswith("direction artifact"):
+            raise
+        raise ArtifactError(f"direction artifact {path}: {error}") from None
+    except RecursionError:
+        raise ArtifactError(f"direction artifact {path} metadata is nested too deeply") from None
     except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as error:
         raise ArtifactError(
             f"direction artifact {path} has missing or malformed metadata: {error}"
@@ -198,6 +220,45 @@ def load_artifact(path: str | os.PathLike[str]) -> DirectionArtifact:
         )
     except ArtifactError as error:
         raise ArtifactError(f"direction artifact {path}: {error}") from None
+
+
+def _identity_text(value: object, field: str, optional: bool = False) -> str | None:
+    """A model identity string: printable (it is printed in error lines) and short."""
+    if value is None and optional:
+        return None
+    if not (isinstance(value, str) and 0 < len(value) <= MAX_IDENTITY_TEXT):
+        raise ArtifactError(f"metadata {field} must be a string of 1..{MAX_IDENTITY_TEXT} chars")
+    if not value.isprintable():
+        raise ArtifactError(f"metadata {field} holds control characters")
+    return value
+
+
+def _count(value: object, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ArtifactError(f"metadata {field} must be an integer")
+    return value
+
+
+def _check_json(value: object, where: str, depth: int) -> None:
+    """Plain JSON, at most MAX_METADATA_DEPTH deep, finite numbers, bounded strings: what
+    ``GET /v1/directions`` can serialise for every request without failing."""
+    if depth > MAX_METADATA_DEPTH:
+        raise ArtifactError(f"metadata {where} is nested deeper than {MAX_METADATA_DEPTH}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_json(key, f"{where} key", depth)
+            _check_json(item, f"{where}.{key}"[:80], depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(item, f"{where}[]", depth + 1)
+    elif isinstance(value, str):
+        if len(value) > MAX_METADATA_TEXT:
+            raise ArtifactError(f"metadata {where} holds a string over {MAX_METADATA_TEXT} chars")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ArtifactError(f"metadata {where} holds NaN or infinity")
+    elif not (value is None or isinstance(value, bool | int)):
+        raise ArtifactError(f"metadata {where} holds a {type(value).__name__}")
 
 
 def _validate_tensors(
@@ -220,6 +281,8 @@ def _validate_tensors(
         )
     if not (torch.isfinite(directions).all() and torch.isfinite(weights).all()):
         raise ArtifactError("directions or weights contain NaN or infinity")
+    if bool((weights < 0).any()) or bool((weights > MAX_SITE_WEIGHT).any()):
+        raise ArtifactError(f"site weights must lie in [0, {MAX_SITE_WEIGHT}]")
     norms = directions.to(torch.float64).norm(dim=-1)
     bad = [
         i

@@ -15,8 +15,9 @@ sends server-sent events instead, tagged by variant, so a page can fill the colu
 at each strength with KL(baseline ‖ ablated): what ``abliserve eval`` needs to measure damage.
 OpenAI's ``top_logprobs`` stops at 20 tokens, which truncates the distribution and biases KL, and
 shipping the whole vocabulary's log-probabilities per prompt over HTTP would be wasteful; so the
-server asks the engine for the full distribution and sends back the number (plus a few top
-tokens to look at).
+server asks the engine for the full distribution as one tensor, computes the KL on tensors and
+sends back the number (plus a few top tokens to look at). Its cost is bounded: distinct
+variants only, one concurrency slot per variant (docs/RELIABILITY.md).
 
 Each strength passes the same policy check as a chat request (:func:`resolve_ablation`): a key
 capped at 0.5 cannot get 1.0 through A/B. ``GET /ab`` serves the comparison page.
@@ -25,16 +26,14 @@ capped at 0.5 cannot get 1.0 through A/B. ``GET /ab`` serves the comparison page
 from __future__ import annotations
 
 import asyncio
-import heapq
 import json
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from importlib import resources
 
-import numpy as np
+import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel
@@ -53,9 +52,20 @@ from abliserve.server.ab_protocol import (
     RefusalFlags,
     TokenProbability,
 )
-from abliserve.server.completions import ChoiceOutput, CompletionService, merge, stop_token_ids
-from abliserve.server.engines.base import AblationSpec, EngineError, SamplingOptions, TokenLogprob
-from abliserve.server.errors import ApiError, bad_request
+from abliserve.server.completions import (
+    ChoiceOutput,
+    CompletionService,
+    checked,
+    merge,
+    stop_token_ids,
+)
+from abliserve.server.engines.base import (
+    AblationSpec,
+    EngineError,
+    GenerationRequest,
+    SamplingOptions,
+)
+from abliserve.server.errors import ApiError, bad_request, shown
 from abliserve.server.openai_api import (
     api_state,
     cancel_on_disconnect,
@@ -245,56 +255,58 @@ async def ab(request: Request) -> Response:
     return Response(response.model_dump_json(), media_type="application/json", headers=headers)
 
 
-def kl_divergence(reference: dict[int, float], other: dict[int, float]) -> float:
-    """KL(reference ‖ other) in nats from two token → log-probability maps.
-
-    Exact when both maps cover the vocabulary. Tokens missing from either map (an engine that
-    caps how many it reports, or the padded rows of an embedding larger than the tokenizer) are
-    pooled into one "rest" bucket on both sides, which gives the KL of that coarser partition: a
-    lower bound, and equal to the full KL up to the mass the maps leave out."""
-    shared = reference.keys() & other.keys()
-    log_p = np.fromiter((reference[t] for t in shared), np.float64, len(shared))
-    log_q = np.fromiter((other[t] for t in shared), np.float64, len(shared))
-    p = np.exp(log_p)
-    kl = float(np.sum(p * (log_p - log_q)))
-    p_rest = 1.0 - float(p.sum())
-    q_rest = 1.0 - float(np.exp(log_q).sum())
-    if p_rest > 1e-9:
-        kl += p_rest * math.log(p_rest / max(q_rest, 1e-30))
-    return max(kl, 0.0)
+def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """KL(reference ‖ other) in nats from two log-probability vectors over one vocabulary,
+    computed on the tensors (no per-token Python objects); tokens impossible under the
+    reference contribute nothing."""
+    log_p, log_q = reference.double(), other.double()
+    p = log_p.exp()
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return max(float(terms.sum()), 0.0)
 
 
-async def first_token_distribution(
+async def first_token_log_probs(
     service: CompletionService, prompt_ids: list[int], spec: AblationSpec
-) -> TokenLogprob:
-    """The whole first-token distribution (untempered) of one prompt at one ablation."""
-    sampling = SamplingOptions(
-        max_tokens=1, temperature=0.0, logprobs=service.vocab_limit, ignore_eos=True
+) -> torch.Tensor:
+    """The whole first-token log-probability vector (untempered) of one prompt at one
+    ablation, as one tensor straight from the engine."""
+    request = GenerationRequest(
+        request_id=uuid.uuid4().hex,
+        prompt_token_ids=prompt_ids,
+        sampling=SamplingOptions(
+            max_tokens=1, temperature=0.0, ignore_eos=True, full_distribution=True
+        ),
+        ablation=spec,
     )
-    async with aclosing(service.stream(prompt_ids, sampling, spec, endpoint="ab")) as deltas:
-        async for delta in deltas:
-            if delta.logprobs:
-                return delta.logprobs[0]
-    raise EngineError("the engine returned no log-probabilities for the first token")
+    async with aclosing(checked(service.engine.generate(request))) as chunks:
+        async for chunk in chunks:
+            if chunk.distribution is not None:
+                return chunk.distribution
+    raise EngineError("the engine returned no distribution for the first token")
 
 
 @router.post("/v1/ab/first-token")
 async def first_token(request: Request) -> Response:
+    """Bounded: each distinct variant runs once (``[0, 0, 0]`` is one engine request), each
+    holds a concurrency slot while it runs (429 beyond the limit), non-zero strengths need
+    ablation rights like any request, and the KL is computed from tensors."""
     body = await parse_body(request, FirstTokenRequest)
     service = api_state(request).service
     model = served_model(request, body.model)
     specs = resolve_variants(request, body.strengths, body.direction)
     prompt_ids = prompt_ids_of(service, body)
     service.max_tokens_for(prompt_ids, 1, "max_tokens")
-    runs = asyncio.gather(*(first_token_distribution(service, prompt_ids, s) for s in specs))
-    distributions = await cancel_on_disconnect(request, runs)
-    baseline = distributions[0].top
+    distinct = list(dict.fromkeys(specs))
+    with request.state.slots.extra(len(distinct) - 1):
+        runs = asyncio.gather(*(first_token_log_probs(service, prompt_ids, s) for s in distinct))
+        distributions = dict(zip(distinct, await cancel_on_disconnect(request, runs), strict=True))
+    baseline = distributions[specs[0]]
 
-    def top(distribution: dict[int, float]) -> list[TokenProbability]:
-        best = heapq.nlargest(body.top_logprobs, distribution.items(), key=lambda item: item[1])
+    def top(distribution: torch.Tensor) -> list[TokenProbability]:
+        values, ids = torch.topk(distribution, min(body.top_logprobs, distribution.numel()))
         return [
             TokenProbability(token=service.tokenizer.decode([t]), token_id=t, logprob=v)
-            for t, v in best
+            for t, v in zip(ids.tolist(), values.tolist(), strict=True)
         ]
 
     response = FirstTokenResponse(
@@ -304,10 +316,10 @@ async def first_token(request: Request) -> Response:
         variants=[
             FirstTokenVariant(
                 ablation=AblationApplied(**applied_json(spec)),
-                kl_from_baseline=0.0 if i == 0 else kl_divergence(baseline, dist.top),
-                top=top(dist.top),
+                kl_from_baseline=0.0 if i == 0 else kl_divergence(baseline, distributions[spec]),
+                top=top(distributions[spec]),
             )
-            for i, (spec, dist) in enumerate(zip(specs, distributions, strict=True))
+            for i, spec in enumerate(specs)
         ],
     )
     return Response(
@@ -325,5 +337,5 @@ async def ab_page() -> FileResponse:
 @router.get("/ab/static/{name}", include_in_schema=False)
 async def ab_page_file(name: str) -> FileResponse:
     if name not in PAGE_FILES:
-        raise ApiError(404, f"no page file {name!r}")
+        raise ApiError(404, f"no page file {shown(name)}")
     return FileResponse(str(STATIC / name), media_type=PAGE_FILES[name])

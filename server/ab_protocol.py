@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
-from abliserve.server.protocol import SEED_MAX, SEED_MIN, AblationApplied
+from abliserve.server.protocol import SEED_MAX, SEED_MIN, AblationApplied, StopStrings
 
 MAX_VARIANTS = 8  # ablated variants per A/B request, besides the baseline
 
@@ -34,7 +34,7 @@ class ABRequest(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=SEED_MIN, le=SEED_MAX)  # the same for every variant
-    stop: list[str] | str | None = None
+    stop: StopStrings = None
     stream: bool = False
 
 

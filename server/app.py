@@ -1,12 +1,15 @@
-"""The FastAPI application: lifespan (engine and tokenizer), auth, error shapes, small routes.
+"""The FastAPI application: lifespan (engine, tokenizer, engine watchdog), the middleware
+stack (CORS, :mod:`~abliserve.server.guard`, :mod:`~abliserve.server.limits`), error shapes,
+small routes.
 
 The generation routes live in :mod:`abliserve.server.openai_api`. Every error a client causes
 leaves as OpenAI-shaped JSON with the right status; anything else is a 500 of the same shape,
-and never takes the engine down.
+and never takes the engine down. A dead engine ends the server (:mod:`~abliserve.server.watchdog`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -22,17 +26,27 @@ from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
 from abliserve.errors import UserError
 from abliserve.projection import site_layer
 from abliserve.server.ab import router as ab_router
+from abliserve.server.accesslog import redact_access_log
 from abliserve.server.completions import CompletionService
 from abliserve.server.engines import EngineOptions
 from abliserve.server.engines.base import EngineError
 from abliserve.server.engines.faults import faults_enabled, inject_faults
 from abliserve.server.engines.startup import start_engine
 from abliserve.server.errors import ApiError, error_body
+from abliserve.server.guard import AccessRules, GuardMiddleware
 from abliserve.server.limits import LimitsMiddleware, RequestLimits
 from abliserve.server.metrics import ServerMetrics
 from abliserve.server.openai_api import ApiState, router
-from abliserve.server.policy import ApiKeys, ServerPolicy
+from abliserve.server.openapi_bodies import document_request_bodies
+from abliserve.server.policy import (
+    APPLIED_HEADER,
+    DIRECTION_HEADER,
+    STRENGTH_HEADER,
+    ApiKeys,
+    ServerPolicy,
+)
 from abliserve.server.protocol import DirectionCard, DirectionList, ModelCard, ModelList
+from abliserve.server.watchdog import watch_engine
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +67,8 @@ class ServerConfig:
     metrics_require_key: bool = False  # --metrics-require-key: /metrics needs a valid key
     health_require_key: bool = False  # --health-require-key: /health needs a valid key
     verbose: bool = False  # --verbose: show the engine's own start-up output and tracebacks
+    allowed_hosts: frozenset[str] | None = None  # Host names accepted (None: any)
+    allowed_origins: list[str] = field(default_factory=list)  # --allowed-origins (CORS)
 
 
 def load_tokenizer(checkpoint: Path):
@@ -62,8 +78,17 @@ def load_tokenizer(checkpoint: Path):
 
 
 def create_app(config: ServerConfig) -> FastAPI:
+    """The app; ``app.state.engine_death`` holds why the engine stopped (None while it serves),
+    and ``app.state.request_exit``, when the CLI sets it, stops the server on that death."""
+
+    def on_engine_death(reason: str) -> None:
+        app.state.engine_death = reason
+        if app.state.request_exit is not None:
+            app.state.request_exit()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redact_access_log()
         tokenizer = load_tokenizer(config.checkpoint)
         try:
             engine = await start_engine(
@@ -93,50 +118,54 @@ def create_app(config: ServerConfig) -> FastAPI:
             config.served_model_names[0],
             ", ".join(config.directions) or "none",
         )
+        watchdog = asyncio.create_task(watch_engine(engine, on_engine_death))
         try:
             yield
         finally:
+            watchdog.cancel()
             await engine.shutdown()
 
     app = FastAPI(title="abliserve", lifespan=lifespan)
     app.state.config = config
     app.state.startup_error = None
     app.state.started = int(time.time())
+    app.state.engine_death = None
+    app.state.request_exit = None
     app.include_router(router)
-    app.include_router(ab_router)  # /v1/ab, /v1/ab/first-token, the /ab page (issue 5)
-    keyed_paths = {
+    app.include_router(ab_router)  # /v1/ab, /v1/ab/first-token, the /ab page
+    document_request_bodies(app, config.served_model_names)
+    keyed_paths = frozenset(
         path
         for path, required in (
             ("/metrics", config.metrics_require_key),
             ("/health", config.health_require_key),
         )
         if required
-    }
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next) -> Response:
-        """Check the API key of /v1 requests (and /metrics, /health where the operator asks)
-        before the body is read (401 beats 400)."""
-        path = request.url.path
-        if path.startswith("/v1/") or path in keyed_paths:
-            try:
-                request.state.key_policy = config.keys.authenticate(
-                    request.headers.get("authorization")
-                )
-            except ApiError as error:
-                count_error(request, error.status)
-                return error.response()
-        return await call_next(request)
-
-    # Added last, so outermost: oversized or excess requests never reach auth or the routes.
-    app.add_middleware(
-        LimitsMiddleware, limits=config.limits, on_reject=lambda status: count_status(app, status)
     )
+
+    def on_reject(status: int) -> None:
+        count_status(app, status)
+
+    # Each add_middleware wraps the previous: CORS (outermost), then the guard (Host, key,
+    # content type), then the limits, so only requests that passed the guard take a slot.
+    app.add_middleware(LimitsMiddleware, limits=config.limits, on_reject=on_reject)
+    rules = AccessRules(keys=config.keys, hosts=config.allowed_hosts, keyed_paths=keyed_paths)
+    app.add_middleware(GuardMiddleware, rules=rules, on_reject=on_reject)
+    if config.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.allowed_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", STRENGTH_HEADER, DIRECTION_HEADER],
+            expose_headers=[APPLIED_HEADER],
+        )
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         count_error(request, error.status)
-        return error.response()
+        body = error.body()
+        body["error"]["message"] = config.keys.redact(body["error"]["message"])
+        return JSONResponse(body, status_code=error.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import re
 import signal
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from abliserve.errors import UserError
 
 DEMO_DIRECTION_NAME = "refusal"
+UVICORN_STARTUP_FAILURE = 3  # what uvicorn.run exits with when the app fails to start
 
 
 def demo_direction_path() -> Path:
@@ -138,6 +140,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="on SIGTERM/SIGINT, let in-flight requests finish this long, then cancel them "
         "(default 30)",
     )
+    add_exposure_flags(serve)
     vllm = serve.add_argument_group("vLLM engine", "passed through to vLLM (--engine vllm)")
     vllm.add_argument("--tensor-parallel-size", type=int, help="GPUs (CPU: processes) per replica")
     vllm.add_argument(
@@ -174,6 +177,48 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="show the engine's own start-up output and full tracebacks when it cannot start",
     )
     serve.set_defaults(handler=serve_command)
+
+
+def add_exposure_flags(serve: argparse.ArgumentParser) -> None:
+    """Who may reach the server from where, and how long a body may take (SECURITY.md)."""
+    from abliserve.server.limits import DEFAULT_BODY_TIMEOUT_S
+
+    exposure = serve.add_argument_group("exposure", "hosts, browser origins, slow clients")
+    exposure.add_argument(
+        "--allowed-hosts",
+        type=comma_list,
+        default=[],
+        metavar="HOST[,HOST...]",
+        help="Host header names accepted besides localhost and the bind address ('*': any; "
+        "default with a wildcard --host: any)",
+    )
+    exposure.add_argument(
+        "--allowed-origins",
+        type=comma_list,
+        default=[],
+        metavar="ORIGIN[,ORIGIN...]",
+        help="browser origins allowed to call the API cross-site (CORS), e.g. "
+        "https://app.example.com (default: none)",
+    )
+    exposure.add_argument(
+        "--body-timeout",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"request bodies slower than this get 408 (default {DEFAULT_BODY_TIMEOUT_S:g})",
+    )
+
+
+def comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def check_exposure_flags(args: argparse.Namespace) -> None:
+    if not (math.isfinite(args.body_timeout) and args.body_timeout > 0):
+        raise UserError(f"--body-timeout must be a positive number, got {args.body_timeout}")
+    for origin in args.allowed_origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise UserError(f"--allowed-origins entries must start with http(s)://, got {origin!r}")
 
 
 def parse_range(text: str) -> tuple[float, float]:
@@ -228,6 +273,7 @@ def build_config(args: argparse.Namespace):
     from abliserve.models import checkpoint_identity, resolve_model
     from abliserve.server.app import ServerConfig
     from abliserve.server.engines import EngineOptions, resolve_engine_kind
+    from abliserve.server.guard import allowed_hosts
     from abliserve.server.limits import RequestLimits
     from abliserve.server.policy import ServerPolicy, load_keys
 
@@ -252,6 +298,7 @@ def build_config(args: argparse.Namespace):
             raise UserError(f"{flag} must be at least 1, got {value}")
     if args.shutdown_timeout < 0:
         raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    check_exposure_flags(args)
     engine = resolve_engine_kind(args.engine)
     checkpoint = resolve_model(model)
     identity = checkpoint_identity(checkpoint)
@@ -269,6 +316,7 @@ def build_config(args: argparse.Namespace):
             directions=tuple(names),
             default_strength=args.default_strength,
             strength_range=parse_range(args.strength_range),
+            peaks={name: float(a.weights.max()) for name, a in directions.items()},
         ),
         keys=load_keys(args.api_key, args.api_keys_file),
         engine=engine,
@@ -281,10 +329,13 @@ def build_config(args: argparse.Namespace):
         limits=RequestLimits(
             max_body_bytes=args.max_body_bytes,
             max_concurrent_requests=args.max_concurrent_requests,
+            body_timeout_s=args.body_timeout,
         ),
         metrics_require_key=args.metrics_require_key,
         health_require_key=args.health_require_key,
         verbose=args.verbose,
+        allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
+        allowed_origins=args.allowed_origins,
     )
 
 
@@ -293,9 +344,13 @@ def _exit_after_shutdown(signum: int, frame: object) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0) or until the engine dies (exit
+    :data:`~abliserve.server.watchdog.ENGINE_DIED_EXIT_CODE`, for a supervisor to restart); an
+    engine that cannot start is one ``abliserve: error:`` line (exit 2)."""
     import uvicorn
 
     from abliserve.server.app import create_app
+    from abliserve.server.watchdog import ENGINE_DIED_EXIT_CODE
 
     config = build_config(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -313,6 +368,7 @@ def serve_command(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=args.shutdown_timeout,
         )
     )
+    app.state.request_exit = lambda: setattr(server, "should_exit", True)
     if not args.verbose:
         # An engine that cannot start is one `abliserve: error:` line (raised below), not
         # uvicorn's "startup failed" traceback.
@@ -324,4 +380,6 @@ def serve_command(args: argparse.Namespace) -> int:
             raise
     if app.state.startup_error is not None:
         raise app.state.startup_error
-    return 0
+    if app.state.engine_death is not None:
+        return ENGINE_DIED_EXIT_CODE
+    return 0 if server.started else UVICORN_STARTUP_FAILURE

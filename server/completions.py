@@ -90,7 +90,8 @@ class CompletionService:
             )
         except Exception as error:  # templates raise arbitrary errors on odd conversations
             raise bad_request(
-                f"the model's chat template rejected these messages: {error}", "messages"
+                f"the model's chat template rejected these messages: {str(error)[:200]}",
+                "messages",
             ) from None
         return list(ids)
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
+ECHO_LIMIT = 40  # characters of a client's value an error message may quote
+
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_error",
@@ -45,3 +49,10 @@ def error_body(
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+def shown(value: str, limit: int = ECHO_LIMIT) -> str:
+    """A client's value as an error message quotes it: cut to ``limit`` characters, control
+    characters escaped. Header values are never quoted (a key pasted in the wrong header would
+    come back), only body fields, and only this way (a megabyte field is not echoed)."""
+    return repr(value if len(value) <= limit else value[:limit] + "…")

@@ -1,13 +1,16 @@
-"""Request limits enforced before any route runs: body size (413), concurrency (429), and
-cancellation when the client leaves.
+"""Request limits enforced before any route runs: body size (413), concurrency (429), slow
+bodies (408), and cancellation when the client leaves.
 
 A pure ASGI middleware (not ``BaseHTTPMiddleware``) so it sees the raw body stream and the
-whole life of a streaming response:
+whole life of a streaming response. It runs inside :mod:`abliserve.server.guard`, so only
+requests that passed the key check are counted or have their body read:
 
 * a body over ``max_body_bytes`` is refused from its ``Content-Length`` before a byte is read,
   and a chunked body is cut off as soon as it grows past the limit, so a huge upload never sits
   in memory or reaches JSON parsing or the tokenizer. The body (at most the limit) is read here
-  and handed to the app in one message;
+  and handed to the app in one message; a body not complete within ``body_timeout_s`` is a 408,
+  so a client trickling bytes cannot hold a slot. Only POST bodies are read: the GET routes
+  take none, and reading one nobody asked for would only cost memory;
 * at most ``max_concurrent_requests`` generation requests (POSTs under ``/v1/``) are in flight,
   counted from arrival until their last response byte (streams included); one more gets an
   immediate 429 instead of queueing without bound in the engine. Cheap GETs are never limited,
@@ -19,21 +22,25 @@ whole life of a streaming response:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from abliserve.server.errors import ApiError
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024  # ~250k tokens of text, far beyond any context we serve
 DEFAULT_MAX_CONCURRENT_REQUESTS = 256
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """The ``serve`` flags ``--max-body-bytes`` and ``--max-concurrent-requests``."""
+    """The ``serve`` flags ``--max-body-bytes``, ``--max-concurrent-requests`` and
+    ``--body-timeout``."""
 
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
 
 def body_too_large(limit: int) -> ApiError:
@@ -44,6 +51,42 @@ def body_too_large(limit: int) -> ApiError:
     )
 
 
+def over_capacity(limit: int) -> ApiError:
+    return ApiError(
+        429,
+        f"the server is at its limit of {limit} concurrent requests; retry later",
+        code="rate_limit_exceeded",
+    )
+
+
+class Slots:
+    """The concurrency budget: one slot per generation request (taken by the middleware), plus
+    one per extra engine request for routes that fan out (``request.state.slots``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0  # one event loop: plain int arithmetic cannot race
+
+    def take(self, count: int = 1) -> bool:
+        if self.used + count > self.limit:
+            return False
+        self.used += count
+        return True
+
+    def give(self, count: int = 1) -> None:
+        self.used -= count
+
+    @contextmanager
+    def extra(self, count: int) -> Iterator[None]:
+        """Hold ``count`` more slots for the block, or raise 429 at once."""
+        if not self.take(count):
+            raise over_capacity(self.limit)
+        try:
+            yield
+        finally:
+            self.give(count)
+
+
 class LimitsMiddleware:
     """Enforce :class:`RequestLimits`; ``on_reject(status)`` counts refusals for /metrics."""
 
@@ -51,37 +94,37 @@ class LimitsMiddleware:
         self.app = app
         self.limits = limits
         self.on_reject = on_reject
-        self.in_flight = 0  # one event loop: plain int arithmetic cannot race
+        self.slots = Slots(limits.max_concurrent_requests)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.limits.max_body_bytes:
             await self._reject(body_too_large(self.limits.max_body_bytes), scope, receive, send)
             return
-        counted = scope["method"] == "POST" and scope["path"].startswith("/v1/")
-        if counted and self.in_flight >= self.limits.max_concurrent_requests:
+        counted = scope["path"].startswith("/v1/")
+        if counted and not self.slots.take():
             await self._reject(
-                ApiError(
-                    429,
-                    f"the server is at its limit of {self.limits.max_concurrent_requests} "
-                    "concurrent requests; retry later",
-                    code="rate_limit_exceeded",
-                ),
-                scope,
-                receive,
-                send,
+                over_capacity(self.limits.max_concurrent_requests), scope, receive, send
             )
             return
         if counted:
-            self.in_flight += 1
+            scope.setdefault("state", {})["slots"] = self.slots
         try:
             try:
-                body = await self._read_body(receive)
+                body = await asyncio.wait_for(self._read_body(receive), self.limits.body_timeout_s)
             except _ClientLeft:
                 return  # nobody to answer
+            except asyncio.TimeoutError:
+                timeout = ApiError(
+                    408,
+                    f"the request body did not arrive within {self.limits.body_timeout_s:g} s",
+                    code="request_timeout",
+                )
+                await self._reject(timeout, scope, receive, send)
+                return
             if body is None:
                 await self._reject(body_too_large(self.limits.max_body_bytes), scope, receive, send)
                 return
@@ -98,7 +141,7 @@ class LimitsMiddleware:
             await _cancel_on_disconnect(lambda out: self.app(scope, replay, out), receive, send)
         finally:
             if counted:
-                self.in_flight -= 1
+                self.slots.give()
 
     async def _read_body(self, receive) -> bytes | None:
         """The whole body, or None once it grows past the limit (reading stops there)."""

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from abliserve.server.completions import CompletionService, Delta, collect, merge, stop_token_ids
 from abliserve.server.engines.base import AblationSpec, EngineError, SamplingOptions, TokenLogprob
-from abliserve.server.errors import ApiError, bad_request, error_body
+from abliserve.server.errors import ApiError, bad_request, error_body, shown
 from abliserve.server.policy import (
     APPLIED_HEADER,
     DIRECTION_HEADER,
@@ -98,7 +98,7 @@ def resolve_request_ablation(request: Request, body: AblationBody | None) -> Abl
 def check_model(state: ApiState, name: str) -> None:
     if name not in state.served_model_names:
         raise ApiError(
-            404, f"The model `{name}` does not exist.", param="model", code="model_not_found"
+            404, f"The model {shown(name)} does not exist.", param="model", code="model_not_found"
         )
 
 
@@ -212,13 +212,15 @@ async def guarded_events(
 
 
 async def parse_body(request: Request, model: type[Body]) -> Body:
-    """The JSON body as ``model``, whatever the content type claims (clients vary); malformed
-    JSON and invalid fields are 400s naming the field."""
+    """The JSON body as ``model`` (the guard middleware has checked it is declared JSON);
+    malformed JSON, JSON nested too deeply for the parser, and invalid fields are 400s."""
     raw = await request.body()
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
     try:
         return model.model_validate(data)
     except ValidationError as error:

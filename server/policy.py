@@ -17,12 +17,13 @@ import hashlib
 import hmac
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from abliserve.errors import UserError
 from abliserve.server.engines.base import BASELINE, AblationSpec
-from abliserve.server.errors import ApiError, bad_request
+from abliserve.server.errors import ApiError, bad_request, shown
 
 STRENGTH_HEADER = "X-Ablation-Strength"
 DIRECTION_HEADER = "X-Ablation-Direction"
@@ -31,25 +32,29 @@ APPLIED_HEADER = "X-Ablation-Applied"
 
 @dataclass(frozen=True)
 class KeyPolicy:
-    """What one API key may do. ``max_strength`` caps |strength| (None = the server's range)."""
+    """What one API key may do. ``max_strength`` caps the EFFECTIVE strength |strength| x peak,
+    where peak is the largest site weight of the direction used (an artifact's weights scale
+    the strength per site, so capping the strength alone would not cap what is removed);
+    None = the server's range."""
 
     allow_ablation: bool = True
     max_strength: float | None = None
 
-    def permits(self, strength: float) -> bool:
+    def permits(self, strength: float, peak: float = 1.0) -> bool:
         if strength == 0:
             return True
         if not self.allow_ablation:
             return False
-        return self.max_strength is None or abs(strength) <= self.max_strength
+        return self.max_strength is None or abs(strength) * peak <= self.max_strength
 
-    def clip(self, strength: float) -> float:
+    def clip(self, strength: float, peak: float = 1.0) -> float:
         """The server default as this key may receive it."""
         if not self.allow_ablation:
             return 0.0
-        if self.max_strength is None:
+        if self.max_strength is None or peak == 0:
             return strength
-        return max(-self.max_strength, min(self.max_strength, strength))
+        limit = self.max_strength / peak
+        return max(-limit, min(limit, strength))
 
 
 FULL_RIGHTS = KeyPolicy()
@@ -62,6 +67,7 @@ class ServerPolicy:
     directions: tuple[str, ...]  # loaded direction names; the first is the default
     default_strength: float = 0.0
     strength_range: tuple[float, float] = (0.0, 1.0)
+    peaks: Mapping[str, float] = field(default_factory=dict)  # largest site weight (default 1)
 
     def __post_init__(self) -> None:
         low, high = self.strength_range
@@ -81,6 +87,10 @@ class ServerPolicy:
     def default_direction(self) -> str | None:
         return self.directions[0] if self.directions else None
 
+    def peak(self, direction: str | None) -> float:
+        """The factor from a strength to the effective strength of ``direction``."""
+        return self.peaks.get(direction, 1.0) if direction is not None else 1.0
+
 
 @dataclass(frozen=True)
 class AblationAsk:
@@ -93,13 +103,11 @@ class AblationAsk:
 
 
 def parse_strength(text: str, param: str) -> float:
-    """A strength from a header: a finite decimal number."""
+    """A strength from a header: a finite decimal number (the value is not echoed back)."""
     try:
         value = float(text.strip())
     except ValueError:
-        raise bad_request(
-            f"{param} must be a number, got {text[:40]!r}", param, "invalid_ablation_strength"
-        ) from None
+        raise bad_request(f"{param} must be a number", param, "invalid_ablation_strength") from None
     return check_finite(value, param)
 
 
@@ -114,7 +122,7 @@ def check_finite(value: float, param: str) -> float:
 def _agree(header: object, body: object, what: str) -> object:
     if header is not None and body is not None and header != body:
         raise bad_request(
-            f"the {what} in the header ({header}) and in the body ({body}) disagree",
+            f"the {what} in the header and in the body disagree",
             f"ablation.{what}",
             "ablation_conflict",
         )
@@ -139,13 +147,16 @@ def resolve_ablation(ask: AblationAsk, server: ServerPolicy, key: KeyPolicy) -> 
 
     if direction is not None and direction not in server.directions:
         known = ", ".join(server.directions) or "none loaded"
+        quoted = f" {shown(direction)}" if ask.body_direction is not None else ""  # not a header
         raise bad_request(
-            f"unknown direction {direction!r} (known: {known})",
+            f"unknown direction{quoted} (known: {known})",
             "ablation.direction",
             "direction_not_found",
         )
+    direction = direction or server.default_direction
+    peak = server.peak(direction)
     if strength is None:
-        strength = key.clip(server.default_strength)
+        strength = key.clip(server.default_strength, peak)
     else:
         low, high = server.strength_range
         if not low <= strength <= high:
@@ -154,11 +165,12 @@ def resolve_ablation(ask: AblationAsk, server: ServerPolicy, key: KeyPolicy) -> 
                 "ablation.strength",
                 "strength_out_of_range",
             )
-        if not key.permits(strength):
+        if not key.permits(strength, peak):
             reason = (
                 "this API key may not use ablation"
                 if not key.allow_ablation
-                else f"this API key may use strengths up to {key.max_strength}"
+                else f"this API key may use effective strengths up to {key.max_strength} "
+                f"(strength x the direction's largest site weight, here {peak:g})"
             )
             raise ApiError(
                 403,
@@ -168,7 +180,6 @@ def resolve_ablation(ask: AblationAsk, server: ServerPolicy, key: KeyPolicy) -> 
             )
     if strength == 0:
         return BASELINE
-    direction = direction or server.default_direction
     if direction is None:
         raise bad_request(
             "ablation was requested but the server has no direction loaded (start it with "
@@ -219,6 +230,19 @@ class ApiKeys:
             raise ApiError(401, "invalid API key", code="invalid_api_key")
         return found
 
+    def redact(self, text: str) -> str:
+        """``text`` with every configured key replaced: no message may carry a credential."""
+        for key in self.policies:
+            text = text.replace(key, "[redacted]")
+        return text
+
+
+def check_key_text(key: str, where: str) -> None:
+    """Keys are printable ASCII without spaces: HTTP headers arrive as latin-1, so a key with
+    other characters could never match (and spaces break ``Bearer <key>``)."""
+    if not (key.isascii() and key.isprintable() and " " not in key):
+        raise UserError(f"{where} must be printable ASCII without spaces (the key is not shown)")
+
 
 def load_keys(plain_keys: list[str], keys_file: Path | None) -> ApiKeys:
     """Keys from ``--api-key`` (full rights) and ``--api-keys-file`` (JSON or TOML)::
@@ -227,6 +251,8 @@ def load_keys(plain_keys: list[str], keys_file: Path | None) -> ApiKeys:
               "sk-capped": {"allow_ablation": true, "max_strength": 0.5},
               "sk-plain": {"allow_ablation": false}}}
     """
+    for number, key in enumerate(plain_keys, start=1):
+        check_key_text(key, f"--api-key number {number}")
     policies = {key: FULL_RIGHTS for key in plain_keys if key}
     if keys_file is None:
         return ApiKeys(policies)
@@ -258,5 +284,6 @@ def load_keys(plain_keys: list[str], keys_file: Path | None) -> ApiKeys:
                 f"--api-keys-file {keys_file}: entry {number} needs allow_ablation true/false "
                 "and max_strength a number >= 0"
             )
+        check_key_text(str(key), f"--api-keys-file {keys_file}: key {number}")
         policies[str(key)] = KeyPolicy(allow_ablation=allow, max_strength=cap)
     return ApiKeys(policies)

@@ -12,14 +12,29 @@ where a typo would silently serve the wrong model.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_N = 16
-MAX_STOP_STRINGS = 16
+MAX_STOP_STRINGS = 16  # vLLM bounds stop lists too; each string is searched after every token
+MAX_STOP_CHARS = 4096  # all stop strings together
 MAX_TOP_LOGPROBS = 20
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64, as OpenAI documents; engines' RNGs take these
+
+
+def check_stop(stop: str | list[str] | None) -> str | list[str] | None:
+    """Bound ``stop``: a list of 60,000 strings once made every token of every choice cost
+    60,000 searches on the event loop, stalling the whole server."""
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    if sum(map(len, stops)) > MAX_STOP_CHARS:
+        raise ValueError(f"the stop strings may hold at most {MAX_STOP_CHARS} characters together")
+    return stop
+
+
+StopStrings = Annotated[str | list[str] | None, AfterValidator(check_stop)]
 
 
 class AblationBody(BaseModel):
@@ -61,7 +76,7 @@ class SamplingFields(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
+    stop: StopStrings = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None

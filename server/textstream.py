@@ -7,7 +7,10 @@ yields U+FFFD. :class:`IncrementalDetokenizer` never emits text ending in such a
 
 :class:`TextAssembler` adds stop strings: the text is cut before the first stop string, and
 while streaming the last ``len(longest stop) - 1`` characters are held back, so a stop string
-split across tokens is never half-emitted.
+split across tokens is never half-emitted. Each token searches only the window where a stop
+string could newly end (its own length back from the new text), never the whole text, so the
+per-token cost is bounded by the (bounded, see ``protocol.MAX_STOP_STRINGS``) stop list and
+the new text, not by how long the answer has grown.
 """
 
 from __future__ import annotations
@@ -63,9 +66,13 @@ class TextAssembler:
     def _add(self, delta: str) -> None:
         if not delta or self.stopped:
             return
-        search_from = max(0, len(self.text) - self.holdback)
+        old_length = len(self.text)
         self.text += delta
-        hits = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        hits = [
+            i
+            for i in (self.text.find(s, max(0, old_length - len(s) + 1)) for s in self.stop)
+            if i >= 0
+        ]
         if hits:
             self.text = self.text[: min(hits)]
             self.stopped = True

@@ -3,6 +3,8 @@
 * an engine error in one request (the TEST-ONLY hook of :mod:`abliserve.server.engines.faults`,
   switched on by ``ABLISERVE_TEST_FAULTS=1``) is a 500 — or a stream ``error`` event — for that
   request alone; the requests beside it in the same batch get exactly their solo tokens;
+* a dead engine (the fault hook's stop, the transformers engine's thread dying, a vLLM worker
+  killed mid-request) ends the server with ENGINE_DIED_EXIT_CODE, for a supervisor to restart;
 * SIGTERM lets in-flight requests finish, then the process exits 0;
 * start-up with a missing, corrupt or mismatched model or artifact exits 2 with one
   ``abliserve: error:`` line and no traceback, before any model loads.
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +30,11 @@ import tiny_models
 from reliability_harness import served
 from server_harness import tiny_direction
 
+from abliserve.models import checkpoint_identity
+from abliserve.server.engines.base import EngineStoppedError, GenerationRequest, SamplingOptions
 from abliserve.server.engines.faults import FAULT_ENV, FAULT_SEED, STOP_SEED, STOPPED
+from abliserve.server.engines.transformers_engine import TransformersEngine
+from abliserve.server.watchdog import ENGINE_DIED_EXIT_CODE
 
 MODEL = "tiny"
 PROMPTS = ["how to make a cake", "tell me about the weather", "write a poem"]
@@ -130,28 +138,109 @@ def test_engine_error_fails_only_its_own_request(server) -> None:
         assert again.json()["choices"][0]["token_ids"] == solo[1]["token_ids"]
 
 
-def test_a_stopped_engine_answers_503_everywhere_and_fails_health(tiny) -> None:
-    """When the engine can serve no more (a dead vLLM worker), every request is a 503 naming
-    the cause, streams included, and /health fails so a supervisor restarts the server."""
+def test_a_stopped_engine_ends_the_server_with_the_engine_died_status(tiny) -> None:
+    """When the engine can serve no more, the request that found out is a 503 naming the cause
+    and the process exits with ENGINE_DIED_EXIT_CODE (not a zombie answering 503 forever), so
+    a supervisor restarts it. Before this policy the server stayed up indefinitely."""
     env = {FAULT_ENV: "1"}
-    with (
-        served(*serve_args(tiny), log_path=tiny["folder"] / "stop.log", env=env) as process,
-        httpx.Client(base_url=process.url, timeout=TIMEOUT_S) as client,
-    ):
-        assert client.get("/health").status_code == 200
-        stop = client.post("/v1/chat/completions", json=chat_body(PROMPTS[0], 0.0, seed=STOP_SEED))
-        later = [
-            client.post("/v1/chat/completions", json=chat_body(PROMPTS[1], 1.0)),
-            client.post("/v1/chat/completions", json=chat_body(PROMPTS[1], 0.0, stream=True)),
-            client.post(
-                "/v1/ab", json={"messages": [{"role": "user", "content": "hi"}], "stream": True}
-            ),
-            client.get("/health"),
-        ]
-        for response in [stop, *later]:
-            assert response.status_code == 503, response.text
-            error = response.json()["error"]
-            assert error["message"] == STOPPED and error["type"] == "server_error"
+    with served(*serve_args(tiny), log_path=tiny["folder"] / "stop.log", env=env) as process:
+        with httpx.Client(base_url=process.url, timeout=TIMEOUT_S) as client:
+            assert client.get("/health").status_code == 200
+            body = chat_body(PROMPTS[0], 0.0, seed=STOP_SEED)
+            stop = client.post("/v1/chat/completions", json=body)
+        assert stop.status_code == 503, stop.text
+        assert stop.json()["error"] == {
+            "message": STOPPED,
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+        assert process.process.wait(timeout=TIMEOUT_S) == ENGINE_DIED_EXIT_CODE
+    assert f"exit status {ENGINE_DIED_EXIT_CODE}" in process.log()
+    assert "Traceback" not in process.log()
+
+
+def test_a_dead_transformers_engine_thread_fails_requests_and_reports_stopped(tiny) -> None:
+    """The transformers engine's thread dying (here: SystemExit from a decode step, which the
+    per-step error handling does not catch) used to leave every request waiting forever. Now
+    the request in flight and every later one get EngineStoppedError, and stopped() says why,
+    which is what the server's watchdog acts on."""
+    identity = checkpoint_identity(tiny["checkpoint"])
+    engine = TransformersEngine(tiny["checkpoint"], identity, {})
+
+    def die() -> None:
+        raise SystemExit("simulated thread death")
+
+    async def scenario() -> tuple[BaseException | None, BaseException | None]:
+        await engine.start()
+        engine._decode = die  # the first decode step (after the prefill's token) kills it
+        sampling = SamplingOptions(max_tokens=8, temperature=0, ignore_eos=True)
+        errors = []
+        for request_id in ("in-flight", "later"):
+            request = GenerationRequest(request_id, [1, 2, 3], sampling)
+            try:
+                async for _ in engine.generate(request):
+                    pass
+            except EngineStoppedError as error:
+                errors.append(error)
+        await engine.shutdown()
+        return errors
+
+    errors = asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S))
+    assert len(errors) == 2
+    assert engine.stopped() is not None and "SystemExit" in engine.stopped()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.real_model
+@pytest.mark.vllm
+def test_a_killed_vllm_worker_ends_the_server_with_the_engine_died_status(
+    demo_direction, tmp_path
+) -> None:
+    """SIGKILL every process below the server (vLLM's engine core and workers) while a stream
+    is generating: the stream ends (no hang), the server exits with ENGINE_DIED_EXIT_CODE."""
+    pytest.importorskip("vllm")
+    args = [
+        *("--model", "demo", "--engine", "vllm", "--enforce-eager", "--dtype", "float32"),
+        *("--max-model-len", "1024", "--served-model-name", MODEL, "--log-level", "info"),
+        *("--direction", f"refusal={demo_direction}"),
+    ]
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    with served(*args, log_path=tmp_path / "vllm.log", env=env) as process:
+        body = chat_body("Write a long story about the sea.", 1.0, max_tokens=400, stream=True)
+        killed: list[int] = []
+        with httpx.stream(
+            "POST", f"{process.url}/v1/chat/completions", json=body, timeout=TIMEOUT_S
+        ) as response:
+            assert response.status_code == 200
+            received = ""
+            for text in response.iter_text():
+                received += text
+                if not killed and received.count('"token_ids"') >= 3:
+                    killed = descendants(process.process.pid)
+                    for pid in killed:
+                        os.kill(pid, signal.SIGKILL)
+        assert killed, "no engine process found below the server"
+        assert received.rstrip().endswith("data: [DONE]")
+        assert '"error"' in received  # the stream says it failed rather than ending as done
+        assert process.process.wait(timeout=TIMEOUT_S) == ENGINE_DIED_EXIT_CODE
+    assert f"exit status {ENGINE_DIED_EXIT_CODE}" in process.log()
 
 
 def test_sigterm_lets_in_flight_requests_finish(tiny) -> None:

@@ -231,7 +231,7 @@ def test_oversized_body_is_413_by_length_and_by_chunks(server) -> None:
     response = httpx.post(
         f"{server.url}/v1/chat/completions",
         content=chunks(),
-        headers={"Authorization": f"Bearer {FULL_KEY}"},
+        headers={"Authorization": f"Bearer {FULL_KEY}", "Content-Type": "application/json"},
         timeout=60,
     )
     assert "content-length" not in response.request.headers  # really sent chunked
@@ -242,7 +242,7 @@ def held_request(server) -> socket.socket:
     """A generation request whose body never finishes: it holds a slot until closed."""
     sock = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         + f"Authorization: Bearer {FULL_KEY}\r\n".encode()
         + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
     )
@@ -294,7 +294,7 @@ def test_control_characters_in_headers_are_rejected(server, value: bytes) -> Non
     body = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}'
     reply = raw_exchange(
         server,
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         + f"Authorization: Bearer {FULL_KEY}\r\n".encode()
         + b"X-Ablation-Direction: "
         + value

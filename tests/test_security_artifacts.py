@@ -9,6 +9,7 @@ extra tensors, metadata of the wrong JSON type or with absurd dimensions, an ove
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import struct
 from pathlib import Path
@@ -204,3 +205,69 @@ def test_not_a_regular_file_is_refused(tmp_path: Path, kind: str) -> None:
     )
     with pytest.raises(ArtifactError, match="not a file"):
         load_artifact(path)
+
+
+# -- hostile metadata and weights (found by an adversarial review) -----------------------------
+
+
+def nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def deep_metadata_text(depth: int) -> str:
+    """Metadata JSON whose ``scores`` holds ``depth`` nested lists (built as text: json.dumps
+    itself would recurse too deep)."""
+    text = json.dumps(good_metadata(scores={"deep": "HOLE"}))
+    return text.replace('"HOLE"', "[" * depth + "]" * depth)
+
+
+HOSTILE_METADATA = {
+    "scores nested 900 deep": lambda: deep_metadata_text(900),
+    "metadata nested 100k deep": lambda: deep_metadata_text(100_000),
+    "metadata over 64 KiB": lambda: json.dumps(good_metadata(method={"pad": "x" * 70_000})),
+    "NaN in scores": lambda: json.dumps(good_metadata(scores={"kl": math.nan})),
+    "infinity in method": lambda: json.dumps(good_metadata(method={"alpha": math.inf})),
+    "overlong string in datasets": lambda: json.dumps(good_metadata(datasets={"a": "x" * 5000})),
+    "ANSI escape in model_id": lambda: json.dumps(
+        good_metadata(model={**good_metadata()["model"], "model_id": "\x1b[2J\x1b[31mevil"})
+    ),
+    "hidden size as text": lambda: json.dumps(
+        good_metadata(model={**good_metadata()["model"], "hidden_size": "8"})
+    ),
+    "layer count as float": lambda: json.dumps(
+        good_metadata(model={**good_metadata()["model"], "num_layers": 2.0})
+    ),
+    "fingerprint not text": lambda: json.dumps(
+        good_metadata(model={**good_metadata()["model"], "fingerprint": ["ab"]})
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_METADATA)
+def test_hostile_metadata_is_one_artifact_error(tmp_path: Path, case: str) -> None:
+    """Each used to load (then break GET /v1/directions, or print escapes raw) or crash the
+    loader with RecursionError; now each is an ArtifactError whose message has no control
+    characters."""
+    path = tmp_path / "hostile.safetensors"
+    save_file(good_tensors(), str(path), metadata={METADATA_KEY: HOSTILE_METADATA[case]()})
+    with pytest.raises(ArtifactError) as raised:
+        load_artifact(path)
+    assert str(raised.value).isprintable()
+
+
+@pytest.mark.parametrize("weight", [1e30, -0.5, artifact_module.MAX_SITE_WEIGHT + 0.01])
+def test_site_weights_outside_their_range_are_refused(tmp_path: Path, weight: float) -> None:
+    tensors = good_tensors()
+    tensors["weights"][1] = weight
+    path = write(tmp_path / "weights.safetensors", tensors, good_metadata())
+    with pytest.raises(ArtifactError, match="site weights must lie in"):
+        load_artifact(path)
+
+
+def test_site_weights_up_to_the_maximum_load(tmp_path: Path) -> None:
+    tensors = good_tensors()
+    tensors["weights"][:] = artifact_module.MAX_SITE_WEIGHT
+    assert load_artifact(write(tmp_path / "max.safetensors", tensors, good_metadata()))

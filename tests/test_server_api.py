@@ -62,6 +62,7 @@ def chat_kwargs(prompt: str = PROMPT, **extra) -> dict:
 
 
 def post(url: str, path: str, body, key: str | None = FULL_KEY, **headers) -> httpx.Response:
+    headers = {"Content-Type": "application/json", **headers}
     if key is not None:
         headers["Authorization"] = f"Bearer {key}"
     content = body if isinstance(body, str | bytes) else json.dumps(body)

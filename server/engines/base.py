@@ -12,6 +12,8 @@ import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import torch
+
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
 
 
@@ -49,6 +51,10 @@ class SamplingOptions:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # number of top alternatives to report per token, if any
     ignore_eos: bool = False
+    # Also return each token's whole (untempered) log-probability vector as one tensor: the
+    # first-token KL needs the full vocabulary, and a tensor costs a copy where a
+    # {token: logprob} dict of 150k entries costs ~13 MiB of Python objects.
+    full_distribution: bool = False
 
 
 @dataclass
@@ -74,6 +80,7 @@ class GenerationChunk:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    distribution: torch.Tensor | None = None  # [vocab] log-probs, with full_distribution
 
 
 class EngineError(RuntimeError):

@@ -38,6 +38,7 @@ from abliserve.projection import site_names
 from abliserve.server.engines.base import (
     Engine,
     EngineError,
+    EngineStoppedError,
     GenerationChunk,
     GenerationRequest,
 )
@@ -118,6 +119,7 @@ class TransformersEngine(Engine):
         self._active: set[str] = set()  # ids waiting or running (guarded by _cond)
         self._aborted: set[str] = set()
         self._stopping = False
+        self._death: str | None = None  # why the engine thread ended unasked, once it has
         self._thread: threading.Thread | None = None
         # Owned by the loop thread only:
         self._rows: list[_Row] = []
@@ -166,6 +168,9 @@ class TransformersEngine(Engine):
             self._hooks.remove()
         self.model = None
 
+    def stopped(self) -> str | None:
+        return self._death
+
     def stats(self) -> dict[str, float]:
         with self._cond:
             return {"running": float(len(self._rows)), "waiting": float(len(self._waiting))}
@@ -191,6 +196,8 @@ class TransformersEngine(Engine):
             raise ValueError(f"unknown direction {direction!r}")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if self._death is not None:
+            raise EngineStoppedError(self._death)
         if self.model is None:
             raise EngineError("the engine is not running")
         self.check_request(request)
@@ -201,6 +208,8 @@ class TransformersEngine(Engine):
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         with self._cond:
+            if self._death is not None:  # died since the check above
+                raise EngineStoppedError(self._death)
             if request.request_id in self._active:
                 raise ValueError(f"request id {request.request_id!r} is already in flight")
             self._active.add(request.request_id)
@@ -228,6 +237,18 @@ class TransformersEngine(Engine):
     # -- the loop (engine thread) -------------------------------------------------------------
 
     def _loop(self) -> None:
+        """Run :meth:`_serve`; if it ends by anything but a shutdown (a bug, an interpreter
+        error), record why and fail every request, so nothing waits on a thread that is gone
+        and the server's watchdog sees a stopped engine."""
+        try:
+            self._serve()
+        except BaseException as error:
+            with self._cond:
+                self._death = f"the engine thread died ({type(error).__name__}: {error})"
+            log.critical("%s", self._death)
+            self._fail_everything(EngineStoppedError(self._death))
+
+    def _serve(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -355,6 +376,8 @@ class TransformersEngine(Engine):
             sampling = row.request.sampling
             token = sample_token(logits[i], sampling, row.generator)
             chunk = GenerationChunk(token_ids=[])
+            if sampling.full_distribution:
+                chunk.distribution = torch.log_softmax(logits[i], dim=-1).cpu()
             if token in row.stop_ids:
                 chunk.finish_reason = "stop"
             else:

@@ -39,6 +39,9 @@ KV_SHARE_OF_HEADROOM = 0.8
 # CPU engine decodes a few dozen sequences; more KV cache would only take memory from others).
 KV_FULL_CONTEXTS = 2
 KV_CAP_BYTES = 4 * GIB
+# vLLM counts a little more KV per token than the bare K and V rows (block alignment): a context
+# fitted to all of the cache was refused by a few blocks; fit it to this share.
+KV_USABLE_SHARE = 0.95
 MIN_CONTEXT_TOKENS = 2048  # below this a chat model is not worth serving: fail instead
 BLOCK_TOKENS = (
     128  # contexts are rounded down to a multiple of this (vLLM's CPU block sizes divide it)
@@ -109,7 +112,7 @@ def plan_cpu_memory(
     context = max_model_len or footprint.max_context
     wanted = min(KV_FULL_CONTEXTS * context * per_token, max(KV_CAP_BYTES, context * per_token))
     kv_bytes = min(wanted, budget)
-    fitting_context = kv_bytes // per_token if per_token else context
+    fitting_context = int(kv_bytes * KV_USABLE_SHARE) // per_token if per_token else context
     if max_model_len is None and fitting_context < context:
         context = fitting_context // BLOCK_TOKENS * BLOCK_TOKENS
     floor = max_model_len or min(MIN_CONTEXT_TOKENS, footprint.max_context)

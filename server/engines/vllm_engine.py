@@ -77,8 +77,10 @@ class VllmEngine(Engine):
             "enable_prefix_caching": enable_prefix_caching,
             "seed": seed,
             # The first-token KL endpoint (POST /v1/ab/first-token) asks for the whole
-            # vocabulary's log-probabilities of one token; the HTTP layer caps what clients may
-            # ask for (top_logprobs <= 20), so lifting vLLM's own cap exposes nothing more.
+            # vocabulary's log-probabilities of one token (full_distribution); the HTTP layer
+            # caps what clients may ask for (top_logprobs <= 20), so lifting vLLM's own cap
+            # exposes nothing more. vLLM hands them over as one Python object per token, the
+            # cost docs/RELIABILITY.md records for that endpoint on this engine.
             "max_logprobs": -1,
         }
         if gpu_memory_utilization is not None:
@@ -154,7 +156,7 @@ class VllmEngine(Engine):
             top_p=options.top_p,
             seed=options.seed,
             stop_token_ids=list(options.stop_token_ids),
-            logprobs=options.logprobs,
+            logprobs=-1 if options.full_distribution else options.logprobs,
             ignore_eos=options.ignore_eos,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
@@ -191,6 +193,11 @@ class VllmEngine(Engine):
                     token_ids=list(completion.token_ids),
                     logprobs=_logprobs(completion, request.sampling.logprobs),
                     finish_reason=completion.finish_reason if finished else None,
+                    distribution=(
+                        _distribution(completion, self._vocab_size)
+                        if request.sampling.full_distribution
+                        else None
+                    ),
                 )
         except EngineDeadError as error:
             raise EngineStoppedError(f"the vLLM engine stopped: {error}") from error
@@ -229,3 +236,16 @@ def _logprobs(completion: Any, top: int | None) -> list[TokenLogprob] | None:
             )
         )
     return records
+
+
+def _distribution(completion: Any, vocab_size: int) -> Any:
+    """The first new token's whole log-probability vector, from vLLM's {token id: Logprob}."""
+    import torch
+
+    if not completion.logprobs:
+        return None
+    alternatives = completion.logprobs[0]
+    distribution = torch.full((vocab_size,), -math.inf)
+    ids = torch.tensor(list(alternatives.keys()))
+    distribution[ids] = torch.tensor([entry.logprob for entry in alternatives.values()])
+    return distribution
