@@ -19,6 +19,7 @@ until curl -sf "$URL/health" >/dev/null; do
     kill -0 "$SERVER" 2>/dev/null || { echo "the server exited" >&2; exit 1; }
     sleep 1
 done
+echo "server ready after ${SECONDS} s"
 MODEL="$(curl -s "$URL/v1/models" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')"
 
 request() {  # $1 = strength
@@ -36,6 +37,7 @@ print(" ", json.loads(body)["choices"][0]["message"]["content"].replace("\n", " 
 
 echo; echo "== curl, baseline (X-Ablation-Strength: 0)"; request 0
 echo; echo "== curl, ablated (X-Ablation-Strength: 1)"; request 1
+echo "(first A/B pair answered ${SECONDS} s after the demo started)"
 echo; echo "== openai client, extra_headers={'X-Ablation-Strength': '1'}"
 "$PY" - "$URL" "$MODEL" "$PROMPT" <<'PY'
 import sys
