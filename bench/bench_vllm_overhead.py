@@ -123,14 +123,18 @@ def main() -> None:
         action="store_true",
         help="only the abliserve engine (ratios against its alpha=0 mix): one engine start",
     )
-    parser.add_argument("--kv-cache-gib", default="2", help="VLLM_CPU_KVCACHE_SPACE on CPU")
+    parser.add_argument(
+        "--kv-cache-gib",
+        help="VLLM_CPU_KVCACHE_SPACE on CPU; default: sized to the machine, as the server does",
+    )
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
 
     from abliserve.server.engines.vllm_engine import VllmEngine
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", args.kv_cache_gib)
+    if args.kv_cache_gib is not None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", args.kv_cache_gib)
     checkpoint = provision_demo_model()
     artifact = load_artifact(DIRECTION)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)

@@ -261,7 +261,8 @@ def run_block(name: str, args) -> BlockResult:
     served = baked_checkpoint(checkpoint, artifact) if name == "vllm-baked" else checkpoint
     directions = {"refusal": artifact} if name == "vllm" else {}
     plugins = {} if name == "vllm" else {"VLLM_PLUGINS": "none"}  # plain: plugin not loaded
-    with environment(VLLM_CPU_KVCACHE_SPACE=args.kv_cache_gib, **plugins):
+    kv_cache = {} if args.kv_cache_gib is None else {"VLLM_CPU_KVCACHE_SPACE": args.kv_cache_gib}
+    with environment(**kv_cache, **plugins):
         engine = VllmEngine(
             served,
             checkpoint_identity(served),
@@ -586,7 +587,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="every engine's dtype")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM without compiling")
     parser.add_argument("--max-model-len", type=int, default=1024)
-    parser.add_argument("--kv-cache-gib", default="1", help="VLLM_CPU_KVCACHE_SPACE (GiB)")
+    parser.add_argument(
+        "--kv-cache-gib",
+        help="VLLM_CPU_KVCACHE_SPACE (GiB); default: sized to the machine, as the server does",
+    )
     parser.add_argument(
         "--scaling-lengths",
         type=lambda text: [int(part) for part in text.split(",") if part],

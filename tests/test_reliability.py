@@ -221,8 +221,7 @@ def test_a_killed_vllm_worker_ends_the_server_with_the_engine_died_status(
         *("--max-model-len", "1024", "--served-model-name", MODEL, "--log-level", "info"),
         *("--direction", f"refusal={demo_direction}"),
     ]
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    with served(*args, log_path=tmp_path / "vllm.log", env=env) as process:
+    with served(*args, log_path=tmp_path / "vllm.log") as process:
         body = chat_body("Write a long story about the sea.", 1.0, max_tokens=400, stream=True)
         killed: list[int] = []
         with httpx.stream(

@@ -100,7 +100,7 @@ def vllm_server(demo_direction, random_direction, tmp_path_factory):
     log = tmp_path_factory.mktemp("soak-vllm") / "server.log"
     engine = ["--engine", "vllm", "--enforce-eager", "--dtype", "float32"]
     args = serve_args(demo_direction, random_direction, *engine, "--max-model-len", "1024")
-    with served(*args, log_path=log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as process:
+    with served(*args, log_path=log) as process:
         yield process
 
 

@@ -67,13 +67,6 @@ class LoopThread:
         self.thread.join()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _small_kv_cache() -> Iterator[None]:
-    """Other jobs share this machine's RAM: 1 GiB of KV cache per engine is plenty here."""
-    with environment(VLLM_CPU_KVCACHE_SPACE="1"):
-        yield
-
-
 @pytest.fixture(scope="module")
 def loop() -> Iterator[LoopThread]:
     thread = LoopThread()

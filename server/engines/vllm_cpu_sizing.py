@@ -35,9 +35,11 @@ RUNTIME_OVERHEAD_BYTES = GIB // 2
 # Use at most this share of what is left after weights and runtime: the page cache counted as
 # available must stay reclaimable, and other processes on the node keep some room.
 KV_SHARE_OF_HEADROOM = 0.8
-# KV cache we aim for: room for this many full-length contexts, and never more than the cap (a
-# CPU engine decodes a few dozen sequences; more KV cache would only take memory from others).
+# KV cache we aim for: room for this many full-length contexts, at least the floor (a few dozen
+# concurrent chats however short the context) and at most the cap (a CPU engine decodes a few
+# dozen sequences; more KV cache would only take memory from others).
 KV_FULL_CONTEXTS = 2
+KV_FLOOR_BYTES = 1 * GIB
 KV_CAP_BYTES = 4 * GIB
 # vLLM counts a little more KV per token than the bare K and V rows (block alignment): a context
 # fitted to all of the cache was refused by a few blocks; fit it to this share.
@@ -102,7 +104,8 @@ def plan_cpu_memory(
     """Choose the KV-cache size and context length for ``footprint`` on ``node``.
 
     The KV cache gets a share of what the node has left after the weights and the runtime, up to
-    room for :data:`KV_FULL_CONTEXTS` full contexts (and :data:`KV_CAP_BYTES`). If a full
+    room for :data:`KV_FULL_CONTEXTS` full contexts (at least :data:`KV_FLOOR_BYTES`, at most
+    :data:`KV_CAP_BYTES`). If a full
     context does not fit, the context shrinks to what does, down to :data:`MIN_CONTEXT_TOKENS`.
     An explicit ``max_model_len`` is kept as given, or refused if its KV cache cannot fit.
     """
@@ -110,7 +113,8 @@ def plan_cpu_memory(
     headroom = node.available - footprint.weight_bytes - RUNTIME_OVERHEAD_BYTES
     budget = int(max(headroom, 0) * KV_SHARE_OF_HEADROOM)
     context = max_model_len or footprint.max_context
-    wanted = min(KV_FULL_CONTEXTS * context * per_token, max(KV_CAP_BYTES, context * per_token))
+    wanted = max(KV_FULL_CONTEXTS * context * per_token, KV_FLOOR_BYTES)
+    wanted = min(wanted, max(KV_CAP_BYTES, context * per_token))
     kv_bytes = min(wanted, budget)
     fitting_context = int(kv_bytes * KV_USABLE_SHARE) // per_token if per_token else context
     if max_model_len is None and fitting_context < context:
