@@ -22,7 +22,7 @@ from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
 from abliserve.projection import site_layer
 from abliserve.server.ab import router as ab_router
 from abliserve.server.completions import CompletionService
-from abliserve.server.engines import EngineOptions, create_engine
+from abliserve.server.engines import EngineOptions, create_engine, resolve_engine_kind
 from abliserve.server.engines.base import EngineError
 from abliserve.server.engines.faults import faults_enabled, inject_faults
 from abliserve.server.errors import ApiError, error_body
@@ -50,6 +50,7 @@ class ServerConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     metrics_require_key: bool = False  # --metrics-require-key: /metrics needs a valid key
     health_require_key: bool = False  # --health-require-key: /health needs a valid key
+    tool_call_parser: str | None = None  # --tool-call-parser (vLLM engine): tool_choice "auto"
 
 
 def load_tokenizer(checkpoint: Path):
@@ -73,6 +74,12 @@ def create_app(config: ServerConfig) -> FastAPI:
         tokenizer = load_tokenizer(config.checkpoint)
         await engine.start()
         app.state.engine = engine
+        if serves_vllm_surface:
+            from abliserve.server.vllm_surface import build_surface
+
+            app.state.vllm_surface = await build_surface(
+                engine, config.served_model_names, config.tool_call_parser
+            )
         app.state.metrics = ServerMetrics(engine.stats)
         app.state.api = ApiState(
             service=CompletionService(engine, tokenizer, app.state.metrics),
@@ -94,7 +101,13 @@ def create_app(config: ServerConfig) -> FastAPI:
     app = FastAPI(title="abliserve", lifespan=lifespan)
     app.state.config = config
     app.state.started = int(time.time())
-    app.include_router(router)
+    serves_vllm_surface = resolve_engine_kind(config.engine) == "vllm"
+    if serves_vllm_surface:  # chat and completions through vLLM's own OpenAI serving
+        from abliserve.server.vllm_surface import router as vllm_router
+
+        app.include_router(vllm_router)
+    else:
+        app.include_router(router)
     app.include_router(ab_router)  # /v1/ab, /v1/ab/first-token, the /ab page (issue 5)
     keyed_paths = {
         path

@@ -152,6 +152,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="reuse cached prompt prefixes (default on; ablated requests are salted apart)",
     )
+    vllm.add_argument(
+        "--tool-call-parser",
+        metavar="NAME",
+        help="as vllm serve --enable-auto-tool-choice --tool-call-parser NAME: tool_choice "
+        '"auto" parses the model\'s tool calls (hermes for Qwen2.5); without it "auto" is a 400',
+    )
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
@@ -182,8 +188,9 @@ def vllm_options(args: argparse.Namespace, engine: str) -> dict:
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.enable_prefix_caching is not None:
         options["enable_prefix_caching"] = args.enable_prefix_caching
-    if options and engine != "vllm":
-        flags = ", ".join("--" + name.replace("_", "-") for name in options)
+    given = [*options, *(["tool_call_parser"] if args.tool_call_parser else [])]
+    if given and engine != "vllm":
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise UserError(f"{flags} only apply to the vLLM engine (--engine vllm)")
     return options
 
@@ -250,6 +257,7 @@ def build_config(args: argparse.Namespace):
         ),
         metrics_require_key=args.metrics_require_key,
         health_require_key=args.health_require_key,
+        tool_call_parser=args.tool_call_parser,
     )
 
 

@@ -37,6 +37,7 @@ from abliserve.server.policy import (
     resolve_ablation,
 )
 from abliserve.server.protocol import (
+    LOGIT_BIAS_RANGE,
     AblationApplied,
     AblationBody,
     AssistantMessage,
@@ -105,15 +106,48 @@ def check_model(state: ApiState, name: str) -> None:
 def sampling_options(
     body: SamplingFields, service: CompletionService, max_tokens: int, logprobs: int | None
 ) -> SamplingOptions:
+    """The request's sampling, every control checked here against the model (token ids in the
+    vocabulary, ``min_tokens`` within ``max_tokens``), unset ones at vLLM's defaults."""
+    if body.min_tokens > max_tokens:
+        raise bad_request(
+            f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})",
+            "min_tokens",
+        )
+    eos = () if body.ignore_eos else tuple(stop_token_ids(service.tokenizer))
     return SamplingOptions(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
-        stop_token_ids=() if body.ignore_eos else tuple(stop_token_ids(service.tokenizer)),
+        stop_token_ids=eos + tuple(service.vocab_ids(body.stop_token_ids or [], "stop_token_ids")),
         logprobs=logprobs,
         ignore_eos=body.ignore_eos,
+        top_k=max(body.top_k or 0, 0),
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logit_bias=logit_bias(body.logit_bias or {}, service),
+        min_tokens=body.min_tokens,
     )
+
+
+def logit_bias(raw: dict[str, float], service: CompletionService) -> dict[int, float]:
+    """OpenAI's ``{"token id": bias}`` as token ids in the vocabulary, biases in [-100, 100]."""
+    low, high = LOGIT_BIAS_RANGE
+    parsed = {}
+    for key, value in raw.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(
+                f"logit_bias keys must be token ids, got {key!r}", "logit_bias"
+            ) from None
+        if not low <= value <= high:
+            raise bad_request(f"logit_bias values must lie in [{low}, {high}]", "logit_bias")
+        parsed[token] = value
+    service.vocab_ids(list(parsed), "logit_bias")
+    return parsed
 
 
 def choice_seed(sampling: SamplingOptions, index: int) -> SamplingOptions:
@@ -211,25 +245,32 @@ async def guarded_events(
     yield "data: [DONE]\n\n"
 
 
-async def parse_body(request: Request, model: type[Body]) -> Body:
-    """The JSON body as ``model``, whatever the content type claims (clients vary); malformed
-    JSON and invalid fields are 400s naming the field."""
-    raw = await request.body()
+async def read_json(request: Request) -> object:
+    """The JSON body, whatever the content type claims (clients vary); malformed JSON is a 400."""
     try:
-        data = json.loads(raw)
+        return json.loads(await request.body())
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+
+
+async def parse_body(request: Request, model: type[Body]) -> Body:
+    """The JSON body as ``model``; invalid fields are 400s naming the field."""
+    data = await read_json(request)
     try:
         return model.model_validate(data)
     except ValidationError as error:
         raise validation_error(error) from None
 
 
-def validation_error(error: ValidationError) -> ApiError:
-    """Pydantic's first complaint as an OpenAI error naming the offending field."""
+def validation_error(error: ValidationError, prefix: str | None = None) -> ApiError:
+    """Pydantic's first complaint as an OpenAI error naming the offending field (under
+    ``prefix`` when a nested object was validated on its own)."""
     first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
+    parts = [prefix] if prefix else []
+    param = ".".join([*parts, *(str(part) for part in first["loc"])]) or None
     message = first["msg"]
+    if first["type"] == "extra_forbidden":  # never accepted and ignored: say so
+        message = "not supported on this engine (the vLLM engine serves vLLM's whole API)"
     return bad_request(f"{param}: {message}" if param else message, param)
 
 

@@ -98,6 +98,13 @@ class VllmEngine(Engine):
     def max_model_len(self) -> int:
         return self._max_model_len
 
+    @property
+    def client(self) -> Any:
+        """The running ``AsyncLLM`` (vLLM's ``EngineClient``), for vLLM's own OpenAI serving."""
+        if self._llm is None:
+            raise EngineError("the engine is not running")
+        return self._llm
+
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -150,6 +157,13 @@ class VllmEngine(Engine):
             stop_token_ids=list(options.stop_token_ids),
             logprobs=options.logprobs,
             ignore_eos=options.ignore_eos,
+            top_k=options.top_k,
+            min_p=options.min_p,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
+            repetition_penalty=options.repetition_penalty,
+            logit_bias=dict(options.logit_bias) or None,
+            min_tokens=options.min_tokens,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
             extra_args=ablation_extra_args(slot, ablation.strength),
