@@ -97,9 +97,13 @@ class CompletionService:
     def text_prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        if prompt and not all(0 <= t < self.vocab_limit for t in prompt):
+        return self.vocab_ids(prompt, param)
+
+    def vocab_ids(self, ids: list[int], param: str) -> list[int]:
+        """``ids`` if each is a token of this model's vocabulary, else a 400 naming ``param``."""
+        if not all(0 <= t < self.vocab_limit for t in ids):
             raise bad_request(f"token ids must lie in [0, {self.vocab_limit})", param)
-        return list(prompt)
+        return list(ids)
 
     def max_tokens_for(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
@@ -40,7 +40,8 @@ BASELINE = AblationSpec(direction=None, strength=0.0)
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """Per-request sampling; temperature 0 is greedy."""
+    """Per-request sampling; temperature 0 is greedy. The controls mean what vLLM's
+    ``SamplingParams`` of the same names mean (the transformers engine follows vLLM's order)."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -49,6 +50,13 @@ class SamplingOptions:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # number of top alternatives to report per token, if any
     ignore_eos: bool = False
+    top_k: int = 0  # 0 (or -1): all tokens
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    min_tokens: int = 0  # end and stop tokens are masked until this many tokens exist
 
 
 @dataclass

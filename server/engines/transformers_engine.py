@@ -27,7 +27,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,7 +42,12 @@ from abliserve.server.engines.base import (
     GenerationRequest,
 )
 from abliserve.server.engines.kv_batch import KVBatch, check_supported
-from abliserve.server.engines.sampling import make_generator, sample_token, token_logprob
+from abliserve.server.engines.sampling import (
+    make_generator,
+    processed_logits,
+    sample_token,
+    token_logprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +77,11 @@ class _Row:
 
     request: GenerationRequest
     emit: Emit
-    slot: int
     generator: torch.Generator | None
     stop_ids: frozenset[int]
     position: int  # position id of last_token, the token the next decode step feeds
     last_token: int = 0
-    generated: int = 0
+    output_ids: list[int] = field(default_factory=list)  # for penalties and min_tokens
 
 
 class TransformersEngine(Engine):
@@ -310,7 +314,6 @@ class TransformersEngine(Engine):
             row = _Row(
                 request=request,
                 emit=pending.emit,
-                slot=self.bank.slot(request.ablation.direction) if request.ablation.active else 0,
                 generator=make_generator(request.sampling, self.device),
                 stop_ids=frozenset(request.sampling.stop_token_ids)
                 | (frozenset() if request.sampling.ignore_eos else self._eos_ids),
@@ -353,7 +356,10 @@ class TransformersEngine(Engine):
         finished = set()
         for i, row in enumerate(rows):
             sampling = row.request.sampling
-            token = sample_token(logits[i], sampling, row.generator)
+            processed = processed_logits(
+                logits[i], sampling, row.request.prompt_token_ids, row.output_ids, row.stop_ids
+            )
+            token = sample_token(processed, sampling, row.generator)
             chunk = GenerationChunk(token_ids=[])
             if token in row.stop_ids:
                 chunk.finish_reason = "stop"
@@ -361,10 +367,13 @@ class TransformersEngine(Engine):
                 chunk.token_ids = [token]
                 if sampling.logprobs is not None:
                     chunk.logprobs = [token_logprob(logits[i], token, sampling.logprobs)]
-                row.generated += 1
+                row.output_ids.append(token)
                 row.last_token = token
                 row.position += 1
-                if row.generated >= sampling.max_tokens or row.position + 1 >= self._max_model_len:
+                if (
+                    len(row.output_ids) >= sampling.max_tokens
+                    or row.position + 1 >= self._max_model_len
+                ):
                     chunk.finish_reason = "length"
             if chunk.finish_reason is not None:
                 finished.add(i)
