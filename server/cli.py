@@ -198,7 +198,8 @@ def vllm_options(args: argparse.Namespace, engine: str) -> dict:
 def build_config(args: argparse.Namespace):
     """Resolve and validate every flag into a :class:`ServerConfig` (no model loaded yet)."""
     from abliserve.directions.artifact import load_artifact
-    from abliserve.models import checkpoint_identity, resolve_model
+    from abliserve.directions.identity import checkpoint_identity
+    from abliserve.models import resolve_model
     from abliserve.server.app import ServerConfig
     from abliserve.server.engines import EngineOptions, resolve_engine_kind
     from abliserve.server.limits import RequestLimits
