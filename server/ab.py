@@ -58,7 +58,6 @@ from abliserve.server.engines.base import AblationSpec, EngineError, SamplingOpt
 from abliserve.server.errors import ApiError, bad_request
 from abliserve.server.openai_api import (
     api_state,
-    cancel_on_disconnect,
     check_model,
     key_policy,
     parse_body,
@@ -240,7 +239,7 @@ async def ab(request: Request) -> Response:
         id=request_id,
         model=model,
         seed=body.seed,
-        variants=await cancel_on_disconnect(request, collect()),
+        variants=await collect(),
     )
     return Response(response.model_dump_json(), media_type="application/json", headers=headers)
 
@@ -286,8 +285,9 @@ async def first_token(request: Request) -> Response:
     specs = resolve_variants(request, body.strengths, body.direction)
     prompt_ids = prompt_ids_of(service, body)
     service.max_tokens_for(prompt_ids, 1, "max_tokens")
-    runs = asyncio.gather(*(first_token_distribution(service, prompt_ids, s) for s in specs))
-    distributions = await cancel_on_disconnect(request, runs)
+    distributions = await asyncio.gather(
+        *(first_token_distribution(service, prompt_ids, s) for s in specs)
+    )
     baseline = distributions[0].top
 
     def top(distribution: dict[int, float]) -> list[TokenProbability]:

@@ -24,7 +24,6 @@ from abliserve.server.ab import router as ab_router
 from abliserve.server.completions import CompletionService
 from abliserve.server.engines import EngineOptions, create_engine, resolve_engine_kind
 from abliserve.server.engines.base import EngineError
-from abliserve.server.engines.faults import faults_enabled, inject_faults
 from abliserve.server.errors import ApiError, error_body
 from abliserve.server.limits import LimitsMiddleware, RequestLimits
 from abliserve.server.metrics import ServerMetrics
@@ -69,8 +68,6 @@ def create_app(config: ServerConfig) -> FastAPI:
             config.directions,
             config.engine_options,
         )
-        if faults_enabled():
-            inject_faults(engine)
         tokenizer = load_tokenizer(config.checkpoint)
         await engine.start()
         app.state.engine = engine

@@ -4,9 +4,6 @@
 (context overflow and over-long ``max_tokens`` are 400s), streams :class:`Delta` pieces per
 choice (UTF-8-safe text, token ids, logprobs, finish reason), aborts the engine request when
 a stop string ends it or the consumer goes away, and records metrics.
-
-:func:`run_chat` is the one-call form other features reuse (the A/B endpoint): one chat request
-at one ablation, collected into a :class:`GenerationResult`.
 """
 
 from __future__ import annotations
@@ -57,20 +54,6 @@ class ChoiceOutput:
         self.token_ids += delta.token_ids
         self.logprobs += delta.logprobs
         self.finish_reason = delta.finish_reason or self.finish_reason
-
-
-@dataclass
-class GenerationResult:
-    """One chat request's outcome, for callers that want the whole thing at once."""
-
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str | None
-    latency_s: float
-    time_to_first_token_s: float | None
-    ablation: AblationSpec
 
 
 class CompletionService:
@@ -239,47 +222,6 @@ async def collect(streams: list[AsyncIterator[Delta]]) -> list[ChoiceOutput]:
         async for delta in deltas:
             outputs[delta.index].add(delta)
     return outputs
-
-
-async def run_chat(
-    service: CompletionService,
-    messages: list[dict[str, str]],
-    ablation: AblationSpec,
-    *,
-    max_tokens: int | None = None,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
-) -> GenerationResult:
-    """Run one chat request at ``ablation`` (already resolved and authorised, see
-    :func:`abliserve.server.policy.resolve_ablation`) and return the whole result."""
-    prompt_ids = service.chat_prompt_ids(messages)
-    sampling = SamplingOptions(
-        max_tokens=service.max_tokens_for(prompt_ids, max_tokens, "max_tokens"),
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        stop_token_ids=tuple(stop_token_ids(service.tokenizer)),
-    )
-    started = time.perf_counter()
-    first: float | None = None
-    output = ChoiceOutput(index=0)
-    async with aclosing(service.stream(prompt_ids, sampling, ablation, stop=stop)) as deltas:
-        async for delta in deltas:
-            if first is None and delta.token_ids:
-                first = time.perf_counter() - started
-            output.add(delta)
-    return GenerationResult(
-        text=output.text,
-        token_ids=output.token_ids,
-        prompt_tokens=len(prompt_ids),
-        completion_tokens=len(output.token_ids),
-        finish_reason=output.finish_reason,
-        latency_s=time.perf_counter() - started,
-        time_to_first_token_s=first,
-        ablation=ablation,
-    )
 
 
 def stop_token_ids(tokenizer) -> list[int]:

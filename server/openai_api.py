@@ -8,7 +8,6 @@ OpenAI-style ``error`` event (the SDK raises it), followed by ``[DONE]``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -63,7 +62,6 @@ Body = TypeVar("Body", bound=BaseModel)
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default
 MAX_CHOICES = 64  # prompts x n per completions request: one request must not flood the engine
-DISCONNECT_POLL_S = 0.5
 
 
 @dataclass
@@ -162,22 +160,6 @@ def sse(payload: BaseModel | dict) -> str:
 
 def dump(model: BaseModel) -> JSONResponse:
     return JSONResponse(model.model_dump(mode="json"))
-
-
-async def cancel_on_disconnect(request: Request, work: asyncio.Future | asyncio.Task):
-    """Await ``work``, cancelling it (and so aborting its engine requests) if the client leaves."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                raise asyncio.CancelledError("client disconnected")
-    finally:
-        if not task.done():
-            task.cancel()
 
 
 def token_text(tokenizer, token_id: int) -> str:
@@ -368,7 +350,7 @@ async def chat_completions(request: Request) -> Response:
 
         return streaming_response(events(), ablation)
 
-    outputs = await cancel_on_disconnect(request, collect(streams))
+    outputs = await collect(streams)  # a client that leaves is cancelled by LimitsMiddleware
     completion_tokens = sum(len(o.token_ids) for o in outputs)
     response = ChatCompletionResponse(
         id=request_id,
@@ -500,7 +482,7 @@ async def completions(request: Request) -> Response:
 
         return streaming_response(guarded_events(merge(streams), render, tail), ablation)
 
-    outputs = await cancel_on_disconnect(request, collect(streams))
+    outputs = await collect(streams)  # a client that leaves is cancelled by LimitsMiddleware
     completion_tokens = sum(len(o.token_ids) for o in outputs)
     response = CompletionResponse(
         id=request_id,

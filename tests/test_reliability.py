@@ -1,7 +1,7 @@
-"""Faults, on a tiny model served by a real subprocess (issue 6 point 2):
+"""Faults, on a tiny model served by a real subprocess:
 
-* an engine error in one request (the TEST-ONLY hook of :mod:`abliserve.server.engines.faults`,
-  switched on by ``ABLISERVE_TEST_FAULTS=1``) is a 500 — or a stream ``error`` event — for that
+* an engine error in one request (injected by the tests' own :mod:`fault_injection`, which
+  wraps the server's engine) is a 500 — or a stream ``error`` event — for that
   request alone; the requests beside it in the same batch get exactly their solo tokens;
 * SIGTERM lets in-flight requests finish, then the process exits 0;
 * start-up with a missing, corrupt or mismatched model or artifact exits 2 with one
@@ -23,10 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 import tiny_models
+from fault_injection import FAULT_SEED, STOP_SEED, STOPPED
 from reliability_harness import served
 from server_harness import tiny_direction
-
-from abliserve.server.engines.faults import FAULT_ENV, FAULT_SEED, STOP_SEED, STOPPED
 
 MODEL = "tiny"
 PROMPTS = ["how to make a cake", "tell me about the weather", "write a poem"]
@@ -67,7 +66,7 @@ def server(tiny):
     with served(
         *serve_args(tiny),
         log_path=tiny["folder"] / "server.log",
-        env={FAULT_ENV: "1"},
+        faults=True,
     ) as process:
         yield process
 
@@ -133,9 +132,8 @@ def test_engine_error_fails_only_its_own_request(server) -> None:
 def test_a_stopped_engine_answers_503_everywhere_and_fails_health(tiny) -> None:
     """When the engine can serve no more (a dead vLLM worker), every request is a 503 naming
     the cause, streams included, and /health fails so a supervisor restarts the server."""
-    env = {FAULT_ENV: "1"}
     with (
-        served(*serve_args(tiny), log_path=tiny["folder"] / "stop.log", env=env) as process,
+        served(*serve_args(tiny), log_path=tiny["folder"] / "stop.log", faults=True) as process,
         httpx.Client(base_url=process.url, timeout=TIMEOUT_S) as client,
     ):
         assert client.get("/health").status_code == 200
