@@ -56,12 +56,6 @@ from abliserve.server.ab_protocol import (
 from abliserve.server.completions import ChoiceOutput, CompletionService, merge, stop_token_ids
 from abliserve.server.engines.base import AblationSpec, EngineError, SamplingOptions, TokenLogprob
 from abliserve.server.errors import ApiError, bad_request
-from abliserve.server.openai_api import (
-    api_state,
-    check_model,
-    key_policy,
-    parse_body,
-)
 from abliserve.server.policy import (
     APPLIED_HEADER,
     DIRECTION_HEADER,
@@ -72,6 +66,12 @@ from abliserve.server.policy import (
     resolve_ablation,
 )
 from abliserve.server.protocol import AblationApplied
+from abliserve.server.request_intake import (
+    api_state,
+    check_model,
+    key_policy,
+    parse_body,
+)
 
 router = APIRouter()
 STATIC = resources.files("abliserve.clients") / "static"

@@ -27,9 +27,10 @@ from abliserve.server.engines.base import EngineError
 from abliserve.server.errors import ApiError, error_body
 from abliserve.server.limits import LimitsMiddleware, RequestLimits
 from abliserve.server.metrics import ServerMetrics
-from abliserve.server.openai_api import ApiState, router
+from abliserve.server.openai_api import router
 from abliserve.server.policy import ApiKeys, ServerPolicy
 from abliserve.server.protocol import DirectionCard, DirectionList, ModelCard, ModelList
+from abliserve.server.request_intake import ApiState
 
 log = logging.getLogger(__name__)
 

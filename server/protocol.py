@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_N = 16
+MAX_CHOICES = 64  # prompts x n per request: one request must not flood the engine
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # biased tokens per request: bounds the per-token work of one row

@@ -36,15 +36,14 @@ from abliserve.server.engines.vllm_engine import VllmEngine
 from abliserve.server.engines.vllm_routing import EXTRA_ARGS_KEY, ablation_extra_args
 from abliserve.server.errors import ApiError, bad_request
 from abliserve.server.metrics import ServerMetrics, ablation_label
-from abliserve.server.openai_api import (
-    MAX_CHOICES,
+from abliserve.server.policy import APPLIED_HEADER, applied_json, describe_applied
+from abliserve.server.protocol import MAX_CHOICES, MAX_N, MAX_TOP_LOGPROBS, AblationBody
+from abliserve.server.request_intake import (
     api_state,
     read_json,
     resolve_request_ablation,
     validation_error,
 )
-from abliserve.server.policy import APPLIED_HEADER, applied_json, describe_applied
-from abliserve.server.protocol import MAX_N, MAX_TOP_LOGPROBS, AblationBody
 
 router = APIRouter()
 
