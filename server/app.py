@@ -106,7 +106,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         app.include_router(vllm_router)
     else:
         app.include_router(router)
-    app.include_router(ab_router)  # /v1/ab, /v1/ab/first-token, the /ab page (issue 5)
+    app.include_router(ab_router)  # /v1/ab, /v1/ab/first-token, the /ab page
     keyed_paths = {
         path
         for path, required in (

@@ -28,7 +28,7 @@ class AblationSpec:
 
     def cache_salt(self) -> str | None:
         """Prefix-cache salt: ablated K/V must never be shared with other (direction, strength)
-        pairs; baseline traffic returns None so it keeps sharing the cache (DESIGN.md §4)."""
+        pairs; baseline traffic returns None so it keeps sharing the cache."""
         if not self.active:
             return None
         key = f"abliserve:{self.direction}:{self.strength!r}"

@@ -14,7 +14,7 @@ torch):
 Every forward sets the ablation hooks per row (direction slot and strength from the request),
 so requests with different strengths and directions share one forward pass. Each row samples
 from its own logits with its own generator; padding is masked and positions are per row, so a
-greedy request yields the tokens it yields alone (DESIGN.md §7, invariant 3). Attention runs
+greedy request yields the tokens it yields alone. Attention runs
 "eager" by default: its masked softmax gives exact zeros for padding.
 
 Tokens travel to the request's asyncio queue with ``loop.call_soon_threadsafe``.

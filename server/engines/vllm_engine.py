@@ -8,7 +8,7 @@ the plugin of :mod:`abliserve.server.engines.vllm_plugin`; this module only
 * hands the plugin the direction bank (``additional_config``, also the compile-cache salt),
 * tags each request with its bank slot and strength (``SamplingParams.extra_args``), and
 * salts the prefix cache for ablated requests (``AblationSpec.cache_salt()``): their K/V differ
-  from the baseline's, while baseline requests keep sharing cached prefixes (DESIGN.md §4).
+  from the baseline's, while baseline requests keep sharing cached prefixes.
 
 An engine built with no directions is plain vLLM: the plugin installs nothing.
 """
@@ -171,7 +171,7 @@ class VllmEngine(Engine):
 
     def prompt_inputs(self, request: GenerationRequest) -> Any:
         """vLLM ``TokensPrompt`` of one request, salted for ablated requests so their K/V never
-        share prefix-cache blocks with another (direction, strength) (DESIGN.md §4)."""
+        share prefix-cache blocks with another (direction, strength)."""
         from vllm.inputs import TokensPrompt
 
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
