@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,29 +201,32 @@ async def annotated(
     ``[DONE]`` (each event is ``data: <json>``; the last is held until the next arrives)."""
     held: dict | None = None
     first = True
-    async for event in events:
-        text = event.strip()
-        if not text.startswith("data: {"):  # [DONE], keep-alives
-            if held is not None:
-                yield chunk_event(held, applied)
-                held = None
-            yield event
-            continue
-        chunk = json.loads(text[len("data: ") :])
-        record.chunk(chunk)
-        if "choices" not in chunk:  # an error event
-            yield event
-            continue
+    try:
+        async with aclosing(events):  # a client that leaves closes vLLM's stream (an abort)
+            async for event in events:
+                text = event.strip()
+                if not text.startswith("data: {"):  # [DONE], keep-alives
+                    if held is not None:
+                        yield chunk_event(held, applied)
+                        held = None
+                    yield event
+                    continue
+                chunk = json.loads(text[len("data: ") :])
+                record.chunk(chunk)
+                if "choices" not in chunk:  # an error event
+                    yield event
+                    continue
+                if held is not None:
+                    yield chunk_event(held, None)
+                if first:
+                    first = False
+                    yield chunk_event(chunk, applied)
+                else:
+                    held = chunk
         if held is not None:
-            yield chunk_event(held, None)
-        if first:
-            first = False
-            yield chunk_event(chunk, applied)
-        else:
-            held = chunk
-    if held is not None:
-        yield chunk_event(held, applied)
-    record.finished()
+            yield chunk_event(held, applied)
+    finally:
+        record.finished()
 
 
 def chunk_event(chunk: dict, applied: dict | None) -> str:

@@ -5,8 +5,8 @@ tool-call parser the demo model's template speaks, ``response_format``, ``logit_
 penalties, ``top_k``/``min_p``, ``stop_token_ids``, ``min_tokens``, logprobs, ``n``, ``seed``,
 ``echo``, streaming with usage) goes to vLLM's own OpenAI server and to ``abliserve serve
 --engine vllm`` at strength 0, both on the demo model; the answers must be identical (request
-ids and timestamps aside). See docs/ on the vLLM engine: abliserve serves these routes through
-vLLM's own OpenAI serving, so this is the proof nothing is accepted and dropped.
+ids and timestamps aside). abliserve serves these routes through vLLM's own OpenAI serving
+(README, "Serve"); this is the proof that nothing is accepted and dropped on the way.
 
 Two servers start once for the module (eager, float32, 1 GiB of KV cache each).
 """
@@ -14,222 +14,44 @@ Two servers start once for the module (eager, float32, 1 GiB of KV cache each).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port
 from reliability_harness import served
+from vllm_battery import (
+    BATTERY,
+    ENGINE_FLAGS,
+    MODEL,
+    SMALL_KV_ENV,
+    TOOL_FLAGS,
+    answer,
+    text,
+    vllm_serve,
+)
 
 pytest.importorskip("vllm")
 
 pytestmark = [pytest.mark.vllm, pytest.mark.real_model]
 
-MODEL = "demo"
-ENGINE_FLAGS = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
-TOOL_FLAGS = ["--tool-call-parser", "hermes"]
-STARTUP_TIMEOUT_S = 900
-VOLATILE = {"id", "created", "system_fingerprint", "ablation", "service_tier"}
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
-ASK = [{"role": "user", "content": "Write one short sentence about the sea."}]
-WEATHER = [{"role": "user", "content": "What is the weather in Paris right now?"}]
-PERSON_SCHEMA = {
-    "type": "object",
-    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-    "required": ["name", "age"],
-}
-
-
-def chat(**fields: Any) -> tuple[str, dict]:
-    return "/v1/chat/completions", {"model": MODEL, "max_tokens": 12, **fields}
-
-
-def text(**fields: Any) -> tuple[str, dict]:
-    return "/v1/completions", {"model": MODEL, "max_tokens": 8, **fields}
-
-
-BATTERY: dict[str, tuple[str, dict]] = {
-    "tools_auto": chat(messages=WEATHER, tools=[WEATHER_TOOL], temperature=0, max_tokens=40),
-    "tools_named": chat(
-        messages=WEATHER,
-        tools=[WEATHER_TOOL],
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        temperature=0,
-        max_tokens=24,
-    ),
-    "json_object": chat(
-        messages=[{"role": "user", "content": "Give me a JSON object describing a cat."}],
-        response_format={"type": "json_object"},
-        temperature=0,
-        max_tokens=24,
-    ),
-    "json_schema": chat(
-        messages=[{"role": "user", "content": "Invent a person."}],
-        response_format={
-            "type": "json_schema",
-            "json_schema": {"name": "person", "schema": PERSON_SCHEMA},
-        },
-        temperature=0,
-        max_tokens=24,
-    ),
-    "logit_bias": chat(messages=ASK, logit_bias={"13": 100}, temperature=0, max_tokens=4),
-    "penalties": chat(
-        messages=ASK,
-        temperature=0,
-        presence_penalty=1.5,
-        frequency_penalty=1.0,
-        repetition_penalty=1.3,
-    ),
-    "top_k_min_p": chat(messages=ASK, temperature=0.9, top_k=5, min_p=0.1, seed=7),
-    "stop_token_ids": chat(messages=ASK, temperature=0, stop_token_ids=[279, 264]),
-    "min_tokens": chat(
-        messages=[{"role": "user", "content": "Say just: yes"}],
-        temperature=0,
-        min_tokens=6,
-        max_tokens=8,
-    ),
-    "logprobs": chat(messages=ASK, temperature=0, logprobs=True, top_logprobs=3, max_tokens=4),
-    "n_seed": chat(messages=ASK, temperature=1.0, n=2, seed=3, max_tokens=6),
-    "stream_usage": chat(
-        messages=ASK, temperature=0, stream=True, stream_options={"include_usage": True}
-    ),
-    "stream_tools": chat(
-        messages=WEATHER, tools=[WEATHER_TOOL], temperature=0, max_tokens=40, stream=True
-    ),
-    "completion_echo": text(prompt="def fib(n):", temperature=0, echo=True, logprobs=2),
-    "completion_stream": text(
-        prompt="The capital of France is",
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    ),
-}
-
-
-def scrub(value: Any) -> Any:
-    """The answer without what differs between any two runs (ids, timestamps), logprobs
-    rounded to 4 decimals."""
-    if isinstance(value, dict):
-        return {k: scrub(v) for k, v in value.items() if k not in VOLATILE}
-    if isinstance(value, list):
-        return [scrub(v) for v in value]
-    if isinstance(value, float):
-        return round(value, 4)
-    return value
-
-
-def answer(client: httpx.Client, path: str, body: dict) -> Any:
-    """One request's comparable answer: the status and JSON, or for a stream the text and
-    tool-call pieces per choice, the finish reasons and the usage."""
-    if not body.get("stream"):
-        response = client.post(path, json=body)
-        return response.status_code, scrub(response.json())
-    pieces: dict[int, dict[str, Any]] = {}
-    usage = None
-    with client.stream("POST", path, json=body) as response:
-        assert response.status_code == 200, response.read()
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[len("data: ") :])
-            usage = chunk.get("usage") or usage
-            for choice in chunk["choices"]:
-                seen = pieces.setdefault(choice["index"], {"text": "", "tools": [], "finish": []})
-                delta = choice.get("delta") or {}
-                seen["text"] += delta.get("content") or choice.get("text") or ""
-                seen["tools"] += scrub(delta.get("tool_calls") or [])
-                if choice.get("finish_reason"):
-                    seen["finish"].append(choice["finish_reason"])
-    return 200, {"choices": pieces, "usage": usage}
-
 
 @pytest.fixture(scope="module")
-def demo_checkpoint() -> Path:
+def reference(tmp_path_factory) -> Iterator[str]:
     from abliserve.models import resolve_model
 
-    return resolve_model("demo")
-
-
-@pytest.fixture(scope="module")
-def small_kv_env() -> dict[str, str]:
-    return {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture(scope="module")
-def reference(demo_checkpoint: Path, small_kv_env: dict, tmp_path_factory) -> Iterator[str]:
-    """vLLM's own OpenAI server on the demo checkpoint (``vllm serve``'s module form)."""
-    port = free_port()
     log_path = tmp_path_factory.mktemp("reference") / "vllm.log"
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(demo_checkpoint),
-        "--served-model-name",
-        MODEL,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--enable-auto-tool-choice",
-        *TOOL_FLAGS,
-        *ENGINE_FLAGS,
-    ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **small_kv_env}
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not healthy(url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM's server did not start:\n{log_path.read_text()}")
-            time.sleep(1)
+    with vllm_serve(resolve_model("demo"), log_path) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="module")
-def abliserve(reference: str, small_kv_env: dict, tmp_path_factory) -> Iterator[str]:
+def abliserve(reference: str, tmp_path_factory) -> Iterator[str]:
     """``abliserve serve --demo --engine vllm`` (strength 0 by default), started once the
     reference is up, so the two never load at the same time."""
     log_path = tmp_path_factory.mktemp("abliserve") / "server.log"
     flags = ["--demo", "--engine", "vllm", "--served-model-name", MODEL, *ENGINE_FLAGS]
-    with served(*flags, *TOOL_FLAGS, log_path=log_path, env=small_kv_env) as server:
+    with served(*flags, *TOOL_FLAGS, log_path=log_path, env=SMALL_KV_ENV) as server:
         yield server.url
-
-
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +107,33 @@ def test_ablation_is_reported_and_authorised(clients) -> None:
     assert wrong.status_code == 400
     smuggled = client.post(path, json={**body, "vllm_xargs": {"abliserve": [1, 1.0]}})
     assert smuggled.json()["ablation"]["strength"] == 0.0
+
+
+def openai_fields_vllm_lacks() -> list[tuple[str, str]]:
+    """(endpoint path, field) for each field of OpenAI's own request types (the ``openai``
+    SDK's) that vLLM's request models do not name."""
+    from openai.types import completion_create_params
+    from openai.types.chat import completion_create_params as chat_create_params
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    pairs = []
+    for path, sdk, vllm_model in (
+        ("/v1/chat/completions", chat_create_params, ChatCompletionRequest),
+        ("/v1/completions", completion_create_params, CompletionRequest),
+    ):
+        for name in sorted(sdk.CompletionCreateParamsBase.__annotations__):
+            if name not in vllm_model.model_fields:
+                pairs.append((path, name))
+    return pairs
+
+
+def test_fields_vllm_does_not_know_are_refused_by_name(clients) -> None:
+    """``vllm serve`` logs and drops a field its models do not name; abliserve refuses it."""
+    _, client = clients
+    bodies = {"/v1/chat/completions": BATTERY["logprobs"][1], "/v1/completions": text()[1]}
+    bodies["/v1/completions"]["prompt"] = "hi"
+    for path, name in openai_fields_vllm_lacks():
+        response = client.post(path, json={**bodies[path], name: None})
+        assert response.status_code == 400, (path, name, response.text)
+        assert response.json()["error"]["param"] == name
