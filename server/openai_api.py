@@ -431,40 +431,50 @@ async def sse_events(
         yield event
 
 
-def meta_for(body: SamplingFields, prefix: str, ablation: AblationSpec, logprobs: bool) -> Meta:
-    return Meta(
-        id=f"{prefix}-{uuid.uuid4().hex}",
+@dataclass(frozen=True)
+class Endpoint:
+    """What differs between chat and text completions; everything else is one path."""
+
+    request: type[ChatCompletionRequest] | type[CompletionRequest]
+    plan: Callable[..., Plan]
+    id_prefix: str
+    renderer: type[ChatRenderer] | type[CompletionRenderer]
+
+
+CHAT = Endpoint(ChatCompletionRequest, chat_plan, "chatcmpl", ChatRenderer)
+TEXT = Endpoint(CompletionRequest, completion_plan, "cmpl", CompletionRenderer)
+
+
+async def serve(request: Request, endpoint: Endpoint) -> Response:
+    """Body → model check → ablation (key policy) → plan → response."""
+    body = await parse_body(request, endpoint.request)
+    state = api_state(request)
+    check_model(state, body.model)
+    ablation = resolve_request_ablation(request, body.ablation)
+    plan = endpoint.plan(body, state.service, ablation)
+    meta = Meta(
+        id=f"{endpoint.id_prefix}-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=body.model,
         applied=AblationApplied(**applied_json(ablation)),
-        logprobs=logprobs,
+        logprobs=wants_logprobs(body),
         token_ids=body.return_token_ids,
     )
+    renderer = endpoint.renderer(meta, state.service.tokenizer)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await respond(plan, state.service, renderer, body.stream, include_usage)
 
 
-def include_usage(body: SamplingFields) -> bool:
-    return bool(body.stream_options and body.stream_options.include_usage)
+def wants_logprobs(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    """Chat asks with a flag; completions with a count, where 0 still means the chosen token's."""
+    return body.logprobs if isinstance(body.logprobs, bool) else body.logprobs is not None
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
-    body = await parse_body(request, ChatCompletionRequest)
-    state = api_state(request)
-    check_model(state, body.model)
-    ablation = resolve_request_ablation(request, body.ablation)
-    plan = chat_plan(body, state.service, ablation)
-    meta = meta_for(body, "chatcmpl", ablation, body.logprobs)
-    renderer = ChatRenderer(meta, state.service.tokenizer)
-    return await respond(plan, state.service, renderer, body.stream, include_usage(body))
+    return await serve(request, CHAT)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    body = await parse_body(request, CompletionRequest)
-    state = api_state(request)
-    check_model(state, body.model)
-    ablation = resolve_request_ablation(request, body.ablation)
-    plan = completion_plan(body, state.service, ablation)
-    meta = meta_for(body, "cmpl", ablation, body.logprobs is not None)
-    renderer = CompletionRenderer(meta, state.service.tokenizer)
-    return await respond(plan, state.service, renderer, body.stream, include_usage(body))
+    return await serve(request, TEXT)
