@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
@@ -128,6 +129,27 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its slot (idempotent)."""
+
+    def check_request(self, request: GenerationRequest, vocab_size: int) -> None:
+        """Reject (ValueError, a 400 upstream) what would break a batch for everyone in it; the
+        HTTP layer checks the same facts first, naming the fields, so this guards other
+        callers of the engine."""
+        ids, sampling, ablation = request.prompt_token_ids, request.sampling, request.ablation
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+        if sampling.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if len(ids) + sampling.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
+                f"exceeds the maximum model length {self.max_model_len}"
+            )
+        if ablation.direction is not None and ablation.direction not in self.directions:
+            raise ValueError(f"unknown direction {ablation.direction!r}")
+        if not math.isfinite(ablation.strength):
+            raise ValueError(f"ablation strength must be finite, got {ablation.strength}")
 
     def stopped(self) -> str | None:
         """Why the engine can serve no more requests, or None while it can (``/health``)."""

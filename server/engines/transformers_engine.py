@@ -176,28 +176,10 @@ class TransformersEngine(Engine):
 
     # -- requests (event-loop side) -----------------------------------------------------------
 
-    def check_request(self, request: GenerationRequest) -> None:
-        """Reject what would break a batch forward (the HTTP layer checks first, with params)."""
-        ids = request.prompt_token_ids
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
-        if len(ids) + request.sampling.max_tokens > self._max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) plus max_tokens ({request.sampling.max_tokens}) "
-                f"exceeds the maximum model length {self._max_model_len}"
-            )
-        if request.sampling.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        direction = request.ablation.direction
-        if direction is not None and direction not in self.bank.names:
-            raise ValueError(f"unknown direction {direction!r}")
-
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self.model is None:
             raise EngineError("the engine is not running")
-        self.check_request(request)
+        self.check_request(request, self.vocab_size)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
 

@@ -16,7 +16,6 @@ An engine built with no directions is plain vLLM: the plugin installs nothing.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -122,26 +121,6 @@ class VllmEngine(Engine):
             self._llm.shutdown()
             self._llm = None
 
-    def check_request(self, request: GenerationRequest) -> None:
-        """Reject what vLLM would refuse mid-flight (the HTTP layer checks first, with params)."""
-        ids = request.prompt_token_ids
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if min(ids) < 0 or max(ids) >= self._vocab_size:
-            raise ValueError(f"prompt token ids must lie in [0, {self._vocab_size})")
-        if request.sampling.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if len(ids) + request.sampling.max_tokens > self._max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) plus max_tokens ({request.sampling.max_tokens}) "
-                f"exceeds the maximum model length {self._max_model_len}"
-            )
-        ablation = request.ablation
-        if ablation.direction is not None and ablation.direction not in self.slots:
-            raise ValueError(f"unknown direction {ablation.direction!r}")
-        if not math.isfinite(ablation.strength):
-            raise ValueError(f"ablation strength must be finite, got {ablation.strength}")
-
     def sampling_params(self, request: GenerationRequest) -> Any:
         """vLLM ``SamplingParams`` for one request, carrying its ablation in ``extra_args``."""
         from vllm import SamplingParams
@@ -187,7 +166,7 @@ class VllmEngine(Engine):
             raise EngineError("the engine is not running")
         if (reason := self.stopped()) is not None:
             raise EngineStoppedError(reason)
-        self.check_request(request)
+        self.check_request(request, self._vocab_size)
         prompt = self.prompt_inputs(request)
         params = self.sampling_params(request)
         finished = False
