@@ -192,7 +192,18 @@ def vllm_options(args: argparse.Namespace, engine: str) -> dict:
     if given and engine != "vllm":
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise UserError(f"{flags} only apply to the vLLM engine (--engine vllm)")
+    if args.tool_call_parser:
+        check_tool_call_parser(args.tool_call_parser)
     return options
+
+
+def check_tool_call_parser(name: str) -> None:
+    """A name vLLM knows, checked before any model loads (vLLM would fail at start-up)."""
+    from vllm.tool_parsers import ToolParserManager
+
+    known = ToolParserManager.list_registered()
+    if name not in known:
+        raise UserError(f"--tool-call-parser {name!r} is not one of vLLM's: {', '.join(known)}")
 
 
 def build_config(args: argparse.Namespace):

@@ -247,3 +247,14 @@ def test_unknown_field_message_names_it(server: str) -> None:
     answer = ask(server, "chat", {"tools": [{"type": "function", "function": {"name": "f"}}]})
     assert answer["error"]["param"] == "tools"
     assert "not supported" in answer["error"]["message"]
+
+
+def test_unknown_tool_call_parser_is_a_user_error() -> None:
+    """``--tool-call-parser`` is checked against vLLM's parsers before any model loads."""
+    pytest.importorskip("vllm")
+    from abliserve.errors import UserError
+    from abliserve.server.cli import check_tool_call_parser
+
+    check_tool_call_parser("hermes")
+    with pytest.raises(UserError, match="not one of vLLM's"):
+        check_tool_call_parser("no-such-parser")

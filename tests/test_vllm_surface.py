@@ -107,6 +107,10 @@ def test_ablation_is_reported_and_authorised(clients) -> None:
     assert wrong.status_code == 400
     smuggled = client.post(path, json={**body, "vllm_xargs": {"abliserve": [1, 1.0]}})
     assert smuggled.json()["ablation"]["strength"] == 0.0
+    metrics = client.get("/metrics").text  # abliserve's per-ablation counters see vLLM's answers
+    assert 'abliserve_requests_total{ablation="on",endpoint="chat",finish_reason="length"}' in (
+        metrics
+    )
 
 
 def openai_fields_vllm_lacks() -> list[tuple[str, str]]:
