@@ -198,7 +198,10 @@ class Plan:
     ablation: AblationSpec
 
 
-def chat_plan(body: ChatCompletionRequest, service: CompletionService, ablation) -> Plan:
+def chat_plan(
+    body: ChatCompletionRequest, service: CompletionService, ablation: AblationSpec
+) -> Plan:
+    """The chat template applied once; ``n`` choices of it, each with its own seed."""
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     prompt_ids = service.chat_prompt_ids(
@@ -214,7 +217,10 @@ def chat_plan(body: ChatCompletionRequest, service: CompletionService, ablation)
     return Plan("chat", choices, len(prompt_ids), body.stop_strings(), ablation)
 
 
-def completion_plan(body: CompletionRequest, service: CompletionService, ablation) -> Plan:
+def completion_plan(
+    body: CompletionRequest, service: CompletionService, ablation: AblationSpec
+) -> Plan:
+    """``n`` choices per prompt, prompt-major as OpenAI numbers them, each within its context."""
     if body.echo:
         raise bad_request("echo is not supported", "echo")
     texts = completion_prompts(body.prompt)
@@ -264,6 +270,8 @@ class Meta:
 
 
 class Renderer(Protocol):
+    """Shapes one endpoint's OpenAI objects; :func:`respond` and :func:`sse_events` do the rest."""
+
     meta: Meta
 
     def opening(self, n: int) -> BaseModel | None: ...
@@ -274,6 +282,8 @@ class Renderer(Protocol):
 
 @dataclass
 class ChatRenderer:
+    """``chat.completion`` and its chunks (which open with the assistant role)."""
+
     meta: Meta
     tokenizer: object
 
@@ -328,6 +338,8 @@ class ChatRenderer:
 
 @dataclass
 class CompletionRenderer:
+    """``text_completion`` objects, whole or as chunks (logprob offsets run on per choice)."""
+
     meta: Meta
     tokenizer: object
     offsets: dict[int, int] = field(default_factory=dict)  # text offset per streamed choice
