@@ -44,7 +44,7 @@ def main() -> int:
         assemble(layout)
         environment = {**os.environ, "PYTHONPATH": str(layout)}
         command = [str(Path(sys.executable).parent / "lint-imports")]
-        command += ["--config", str(ROOT / "pyproject.toml")]
+        command.append(str(ROOT / "pyproject.toml"))
         return subprocess.run(command, cwd=layout, env=environment).returncode
 
 
