@@ -8,10 +8,12 @@ rows to slots; a row's effective strength at site ``k`` is ``strength * weights[
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from abliserve.directions.artifact import DirectionArtifact
+if TYPE_CHECKING:  # the core only reads an artifact's tensors; it does not depend on directions
+    from abliserve.directions.artifact import DirectionArtifact
 
 
 @dataclass

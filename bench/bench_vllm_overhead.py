@@ -39,7 +39,7 @@ from op_profile import profile_one_step
 from abliserve.datasets import load_instructions
 from abliserve.demo_model import provision_demo_model
 from abliserve.directions.artifact import load_artifact
-from abliserve.models import checkpoint_identity
+from abliserve.directions.identity import checkpoint_identity
 from abliserve.server.engines.base import (
     BASELINE,
     AblationSpec,

@@ -231,7 +231,8 @@ def run_block(name: str, args) -> BlockResult:
     from transformers import AutoTokenizer
 
     from abliserve.directions.artifact import load_artifact
-    from abliserve.models import checkpoint_identity, resolve_model
+    from abliserve.directions.identity import checkpoint_identity
+    from abliserve.models import resolve_model
 
     torch.manual_seed(0)
     checkpoint = resolve_model(args.model)
@@ -502,7 +503,8 @@ def profile_section(result: BlockResult, model: str, dtype_name: str) -> str:
     import torch
     from op_profile import profile_one_step
 
-    from abliserve.models import checkpoint_identity, resolve_model
+    from abliserve.directions.identity import checkpoint_identity
+    from abliserve.models import resolve_model
 
     identity = checkpoint_identity(resolve_model(model))
     sites = 2 * identity.num_layers + 1

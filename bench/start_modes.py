@@ -21,7 +21,7 @@ from loadgen import DIRECTION, chat_token_ids
 from abliserve.datasets import load_instructions
 from abliserve.demo_model import provision_demo_model
 from abliserve.directions.artifact import load_artifact
-from abliserve.models import checkpoint_identity
+from abliserve.directions.identity import checkpoint_identity
 from abliserve.server.engines.base import BASELINE
 
 MODES = {"eager": True, "compiled": False}

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 
-DEFAULT_SERVER = "http://127.0.0.1:8000"
+from abliserve.clients import DEFAULT_SERVER
+
 DEFAULT_STRENGTHS = "0,0.25,0.5,0.75,1"
 
 

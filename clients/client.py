@@ -22,7 +22,7 @@ import httpx
 import openai
 from openai.types.chat import ChatCompletion
 
-from abliserve.clients.cli import DEFAULT_SERVER
+from abliserve.clients import DEFAULT_SERVER
 from abliserve.errors import UserError
 from abliserve.server.ab_protocol import (
     ABResponse,

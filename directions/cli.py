@@ -197,7 +197,8 @@ def _inspect(args: argparse.Namespace) -> int:
     scores = {k: v for k, v in meta["scores"].items() if k != "candidates"}
     print(f"scores:    {json.dumps(scores, sort_keys=True)}")
     if args.model:
-        from abliserve.models import checkpoint_identity, resolve_model
+        from abliserve.directions.identity import checkpoint_identity
+        from abliserve.models import resolve_model
 
         artifact.check_fits(checkpoint_identity(resolve_model(args.model)), str(args.artifact))
         print(f"check:     fits {args.model}")
@@ -248,8 +249,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from abliserve.datasets import load_instructions
     from abliserve.directions.artifact import load_artifact
     from abliserve.directions.evaluate import Evaluator
+    from abliserve.directions.identity import checkpoint_identity
     from abliserve.directions.modelio import load_model
-    from abliserve.models import checkpoint_identity, resolve_model
+    from abliserve.models import resolve_model
 
     if not all(math.isfinite(s) for s in args.strengths):
         raise DirectionError(f"--strengths must be finite numbers, got {args.strengths}")

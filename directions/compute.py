@@ -16,6 +16,7 @@ from abliserve.datasets import default_path, instructions_hash, load_instruction
 from abliserve.directions.artifact import DirectionArtifact
 from abliserve.directions.errors import DirectionError
 from abliserve.directions.extract import Activations, collect, mean_difference
+from abliserve.directions.identity import checkpoint_identity
 from abliserve.directions.modelio import DEFAULT_REFUSAL_WORDS, load_model, refusal_token_ids
 from abliserve.directions.report import print_table, save_plot
 from abliserve.directions.select import (
@@ -25,7 +26,7 @@ from abliserve.directions.select import (
     score_candidates,
     site_tensors,
 )
-from abliserve.models import checkpoint_identity, read_config, resolve_model
+from abliserve.models import read_config, resolve_model
 
 PROMPT_SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
 

@@ -18,8 +18,9 @@ from torch import nn
 
 from abliserve.directions.artifact import DirectionArtifact
 from abliserve.directions.errors import DirectionError
+from abliserve.directions.identity import checkpoint_identity
 from abliserve.hooks import writer_modules
-from abliserve.models import SOURCE_FILE, checkpoint_identity, model_display_id
+from abliserve.models import SOURCE_FILE, model_display_id
 from abliserve.projection import (
     orthogonalise_bias,
     orthogonalise_embedding,

@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff format --check .
 .venv/bin/ruff check .
+.venv/bin/python scripts/lint_imports.py   # import layers: [tool.importlinter] in pyproject.toml
 .venv/bin/python -m abliserve.cli demo-model >/dev/null   # provision/convert once, outside timings
 .venv/bin/python -m pytest -p no:cacheprovider -ra "$@"

@@ -66,13 +66,6 @@ from abliserve.server.engines.base import (
     SamplingOptions,
 )
 from abliserve.server.errors import ApiError, bad_request, shown
-from abliserve.server.openai_api import (
-    api_state,
-    cancel_on_disconnect,
-    check_model,
-    key_policy,
-    parse_body,
-)
 from abliserve.server.policy import (
     APPLIED_HEADER,
     DIRECTION_HEADER,
@@ -83,6 +76,12 @@ from abliserve.server.policy import (
     resolve_ablation,
 )
 from abliserve.server.protocol import AblationApplied
+from abliserve.server.request_intake import (
+    api_state,
+    check_model,
+    key_policy,
+    parse_body,
+)
 
 router = APIRouter()
 STATIC = resources.files("abliserve.clients") / "static"
@@ -250,7 +249,7 @@ async def ab(request: Request) -> Response:
         id=request_id,
         model=model,
         seed=body.seed,
-        variants=await cancel_on_disconnect(request, collect()),
+        variants=await collect(),
     )
     return Response(response.model_dump_json(), media_type="application/json", headers=headers)
 
@@ -299,7 +298,7 @@ async def first_token(request: Request) -> Response:
     distinct = list(dict.fromkeys(specs))
     with request.state.slots.extra(len(distinct) - 1):
         runs = asyncio.gather(*(first_token_log_probs(service, prompt_ids, s) for s in distinct))
-        distributions = dict(zip(distinct, await cancel_on_disconnect(request, runs), strict=True))
+        distributions = dict(zip(distinct, await runs, strict=True))
     baseline = distributions[specs[0]]
 
     def top(distribution: torch.Tensor) -> list[TokenProbability]:

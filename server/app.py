@@ -30,13 +30,12 @@ from abliserve.server.accesslog import redact_access_log
 from abliserve.server.completions import CompletionService
 from abliserve.server.engines import EngineOptions
 from abliserve.server.engines.base import EngineError
-from abliserve.server.engines.faults import faults_enabled, inject_faults
 from abliserve.server.engines.startup import start_engine
 from abliserve.server.errors import ApiError, error_body
 from abliserve.server.guard import AccessRules, GuardMiddleware
 from abliserve.server.limits import LimitsMiddleware, RequestLimits
 from abliserve.server.metrics import ServerMetrics
-from abliserve.server.openai_api import ApiState, router
+from abliserve.server.openai_api import router
 from abliserve.server.openapi_bodies import document_request_bodies
 from abliserve.server.policy import (
     APPLIED_HEADER,
@@ -46,6 +45,7 @@ from abliserve.server.policy import (
     ServerPolicy,
 )
 from abliserve.server.protocol import DirectionCard, DirectionList, ModelCard, ModelList
+from abliserve.server.request_intake import ApiState
 from abliserve.server.watchdog import watch_engine
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class ServerConfig:
     verbose: bool = False  # --verbose: show the engine's own start-up output and tracebacks
     allowed_hosts: frozenset[str] | None = None  # Host names accepted (None: any)
     allowed_origins: list[str] = field(default_factory=list)  # --allowed-origins (CORS)
+    tool_call_parser: str | None = None  # --tool-call-parser (vLLM engine): tool_choice "auto"
 
 
 def load_tokenizer(checkpoint: Path):
@@ -102,8 +103,16 @@ def create_app(config: ServerConfig) -> FastAPI:
         except UserError as error:
             app.state.startup_error = error  # `abliserve serve` prints it as one line, exit 2
             raise
-        if faults_enabled():
-            inject_faults(engine)
+        if engine.name == "vllm":  # chat and completions through vLLM's own OpenAI serving
+            from abliserve.server.vllm_surface import build_surface
+            from abliserve.server.vllm_surface import router as vllm_router
+
+            app.state.vllm_surface = await build_surface(
+                engine, config.served_model_names, config.tool_call_parser
+            )
+            app.include_router(vllm_router)
+        else:
+            app.include_router(router)
         app.state.engine = engine
         app.state.metrics = ServerMetrics(engine.stats)
         app.state.api = ApiState(
@@ -131,7 +140,6 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.started = int(time.time())
     app.state.engine_death = None
     app.state.request_exit = None
-    app.include_router(router)
     app.include_router(ab_router)  # /v1/ab, /v1/ab/first-token, the /ab page
     document_request_bodies(app, config.served_model_names)
     keyed_paths = frozenset(

@@ -168,6 +168,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="reuse cached prompt prefixes (default on; ablated requests are salted apart)",
     )
+    vllm.add_argument(
+        "--tool-call-parser",
+        metavar="NAME",
+        help="as vllm serve --enable-auto-tool-choice --tool-call-parser NAME: tool_choice "
+        '"auto" parses the model\'s tool calls (hermes for Qwen2.5); without it "auto" is a 400',
+    )
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
@@ -261,16 +267,29 @@ def vllm_options(args: argparse.Namespace, engine: str) -> dict:
     options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.enable_prefix_caching is not None:
         options["enable_prefix_caching"] = args.enable_prefix_caching
-    if options and engine != "vllm":
-        flags = ", ".join("--" + name.replace("_", "-") for name in options)
+    given = [*options, *(["tool_call_parser"] if args.tool_call_parser else [])]
+    if given and engine != "vllm":
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise UserError(f"{flags} only apply to the vLLM engine (--engine vllm)")
+    if args.tool_call_parser:
+        check_tool_call_parser(args.tool_call_parser)
     return options
+
+
+def check_tool_call_parser(name: str) -> None:
+    """A name vLLM knows, checked before any model loads (vLLM would fail at start-up)."""
+    from vllm.tool_parsers import ToolParserManager
+
+    known = ToolParserManager.list_registered()
+    if name not in known:
+        raise UserError(f"--tool-call-parser {name!r} is not one of vLLM's: {', '.join(known)}")
 
 
 def build_config(args: argparse.Namespace):
     """Resolve and validate every flag into a :class:`ServerConfig` (no model loaded yet)."""
     from abliserve.directions.artifact import load_artifact
-    from abliserve.models import checkpoint_identity, resolve_model
+    from abliserve.directions.identity import checkpoint_identity
+    from abliserve.models import resolve_model
     from abliserve.server.app import ServerConfig
     from abliserve.server.engines import EngineOptions, resolve_engine_kind
     from abliserve.server.guard import allowed_hosts
@@ -336,6 +355,7 @@ def build_config(args: argparse.Namespace):
         verbose=args.verbose,
         allowed_hosts=allowed_hosts(args.host, args.allowed_hosts),
         allowed_origins=args.allowed_origins,
+        tool_call_parser=args.tool_call_parser,
     )
 
 

@@ -4,9 +4,6 @@
 (context overflow and over-long ``max_tokens`` are 400s), streams :class:`Delta` pieces per
 choice (UTF-8-safe text, token ids, logprobs, finish reason), aborts the engine request when
 a stop string ends it or the consumer goes away, and records metrics.
-
-:func:`run_chat` is the one-call form other features reuse (the A/B endpoint): one chat request
-at one ablation, collected into a :class:`GenerationResult`.
 """
 
 from __future__ import annotations
@@ -59,20 +56,6 @@ class ChoiceOutput:
         self.finish_reason = delta.finish_reason or self.finish_reason
 
 
-@dataclass
-class GenerationResult:
-    """One chat request's outcome, for callers that want the whole thing at once."""
-
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str | None
-    latency_s: float
-    time_to_first_token_s: float | None
-    ablation: AblationSpec
-
-
 class CompletionService:
     def __init__(self, engine: Engine, tokenizer, metrics: ServerMetrics | None = None) -> None:
         self.engine = engine
@@ -98,9 +81,13 @@ class CompletionService:
     def text_prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        if prompt and not all(0 <= t < self.vocab_limit for t in prompt):
+        return self.vocab_ids(prompt, param)
+
+    def vocab_ids(self, ids: list[int], param: str) -> list[int]:
+        """``ids`` if each is a token of this model's vocabulary, else a 400 naming ``param``."""
+        if not all(0 <= t < self.vocab_limit for t in ids):
             raise bad_request(f"token ids must lie in [0, {self.vocab_limit})", param)
-        return list(prompt)
+        return list(ids)
 
     def max_tokens_for(
         self,
@@ -236,47 +223,6 @@ async def collect(streams: list[AsyncIterator[Delta]]) -> list[ChoiceOutput]:
         async for delta in deltas:
             outputs[delta.index].add(delta)
     return outputs
-
-
-async def run_chat(
-    service: CompletionService,
-    messages: list[dict[str, str]],
-    ablation: AblationSpec,
-    *,
-    max_tokens: int | None = None,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
-) -> GenerationResult:
-    """Run one chat request at ``ablation`` (already resolved and authorised, see
-    :func:`abliserve.server.policy.resolve_ablation`) and return the whole result."""
-    prompt_ids = service.chat_prompt_ids(messages)
-    sampling = SamplingOptions(
-        max_tokens=service.max_tokens_for(prompt_ids, max_tokens, "max_tokens"),
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        stop_token_ids=tuple(stop_token_ids(service.tokenizer)),
-    )
-    started = time.perf_counter()
-    first: float | None = None
-    output = ChoiceOutput(index=0)
-    async with aclosing(service.stream(prompt_ids, sampling, ablation, stop=stop)) as deltas:
-        async for delta in deltas:
-            if first is None and delta.token_ids:
-                first = time.perf_counter() - started
-            output.add(delta)
-    return GenerationResult(
-        text=output.text,
-        token_ids=output.token_ids,
-        prompt_tokens=len(prompt_ids),
-        completion_tokens=len(output.token_ids),
-        finish_reason=output.finish_reason,
-        latency_s=time.perf_counter() - started,
-        time_to_first_token_s=first,
-        ablation=ablation,
-    )
 
 
 def stop_token_ids(tokenizer) -> list[int]:

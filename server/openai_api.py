@@ -1,44 +1,44 @@
-"""``POST /v1/chat/completions`` and ``POST /v1/completions``: OpenAI request in, tokens through the
-engine, OpenAI response (or server-sent events) out, with what ablation was applied.
+"""``POST /v1/chat/completions`` and ``POST /v1/completions`` on the transformers engine: one
+request path for both.
 
-Every check that can fail runs before the first byte is sent, so errors are proper 4xx JSON
-responses even for streaming requests; failures inside the engine while streaming become an
-OpenAI-style ``error`` event (the SDK raises it), followed by ``[DONE]``.
+A request becomes a :class:`Plan` (its prompts, each choice's sampling, the stop strings and the
+resolved ablation; every fact checked once, before the first byte, so errors are proper 4xx JSON
+even for streams). :func:`respond` runs the plan through the :class:`CompletionService` and a
+renderer (:class:`ChatRenderer` or :class:`CompletionRenderer`) shapes the pieces as the
+endpoint's OpenAI objects; one SSE routine serves both. Failures inside the engine while
+streaming become an OpenAI-style ``error`` event (the SDK raises it), followed by ``[DONE]``.
+(On the vLLM engine these routes are vLLM's own serving: :mod:`abliserve.server.vllm_surface`.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, replace
-from typing import TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from abliserve.server.completions import CompletionService, Delta, collect, merge, stop_token_ids
-from abliserve.server.engines.base import AblationSpec, EngineError, SamplingOptions, TokenLogprob
-from abliserve.server.errors import ApiError, bad_request, error_body, shown
-from abliserve.server.policy import (
-    APPLIED_HEADER,
-    DIRECTION_HEADER,
-    STRENGTH_HEADER,
-    AblationAsk,
-    ApiKeys,
-    KeyPolicy,
-    ServerPolicy,
-    applied_json,
-    describe_applied,
-    resolve_ablation,
+from abliserve.server.completions import (
+    ChoiceOutput,
+    CompletionService,
+    Delta,
+    collect,
+    merge,
+    stop_token_ids,
 )
+from abliserve.server.engines.base import AblationSpec, EngineError, SamplingOptions, TokenLogprob
+from abliserve.server.errors import ApiError, bad_request, error_body
+from abliserve.server.policy import APPLIED_HEADER, applied_json, describe_applied
 from abliserve.server.protocol import (
+    LOGIT_BIAS_RANGE,
+    MAX_CHOICES,
     AblationApplied,
-    AblationBody,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -56,64 +56,63 @@ from abliserve.server.protocol import (
     TopLogprob,
     Usage,
 )
+from abliserve.server.request_intake import (
+    api_state,
+    check_model,
+    parse_body,
+    resolve_request_ablation,
+)
 
 router = APIRouter()
-Body = TypeVar("Body", bound=BaseModel)
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default
-MAX_CHOICES = 64  # prompts x n per completions request: one request must not flood the engine
-DISCONNECT_POLL_S = 0.5
-
-
-@dataclass
-class ApiState:
-    """What the routes need; built by the app's lifespan and kept on ``app.state.api``."""
-
-    service: CompletionService
-    policy: ServerPolicy
-    keys: ApiKeys
-    served_model_names: list[str]
-
-
-def api_state(request: Request) -> ApiState:
-    return request.app.state.api
-
-
-def key_policy(request: Request) -> KeyPolicy:
-    """The caller's key policy, checked by the app's middleware before the body was read."""
-    return request.state.key_policy
-
-
-def resolve_request_ablation(request: Request, body: AblationBody | None) -> AblationSpec:
-    """Header + body + key → the ablation this request gets (400/403 on bad or forbidden asks)."""
-    ask = AblationAsk(
-        header_strength=request.headers.get(STRENGTH_HEADER),
-        header_direction=request.headers.get(DIRECTION_HEADER),
-        body_strength=body.strength if body else None,
-        body_direction=body.direction if body else None,
-    )
-    return resolve_ablation(ask, api_state(request).policy, key_policy(request))
-
-
-def check_model(state: ApiState, name: str) -> None:
-    if name not in state.served_model_names:
-        raise ApiError(
-            404, f"The model {shown(name)} does not exist.", param="model", code="model_not_found"
-        )
 
 
 def sampling_options(
     body: SamplingFields, service: CompletionService, max_tokens: int, logprobs: int | None
 ) -> SamplingOptions:
+    """The request's sampling, every control checked here against the model (token ids in the
+    vocabulary, ``min_tokens`` within ``max_tokens``), unset ones at vLLM's defaults."""
+    if body.min_tokens > max_tokens:
+        raise bad_request(
+            f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})",
+            "min_tokens",
+        )
+    eos = () if body.ignore_eos else tuple(stop_token_ids(service.tokenizer))
     return SamplingOptions(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
-        stop_token_ids=() if body.ignore_eos else tuple(stop_token_ids(service.tokenizer)),
+        stop_token_ids=eos + tuple(service.vocab_ids(body.stop_token_ids or [], "stop_token_ids")),
         logprobs=logprobs,
         ignore_eos=body.ignore_eos,
+        top_k=max(body.top_k or 0, 0),
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logit_bias=logit_bias(body.logit_bias or {}, service),
+        min_tokens=body.min_tokens,
     )
+
+
+def logit_bias(raw: dict[str, float], service: CompletionService) -> dict[int, float]:
+    """OpenAI's ``{"token id": bias}`` as token ids in the vocabulary, biases in [-100, 100]."""
+    low, high = LOGIT_BIAS_RANGE
+    parsed = {}
+    for key, value in raw.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(
+                f"logit_bias keys must be token ids, got {key!r}", "logit_bias"
+            ) from None
+        if not low <= value <= high:
+            raise bad_request(f"logit_bias values must lie in [{low}, {high}]", "logit_bias")
+        parsed[token] = value
+    service.vocab_ids(list(parsed), "logit_bias")
+    return parsed
 
 
 def choice_seed(sampling: SamplingOptions, index: int) -> SamplingOptions:
@@ -124,26 +123,6 @@ def choice_seed(sampling: SamplingOptions, index: int) -> SamplingOptions:
 def sse(payload: BaseModel | dict) -> str:
     data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
     return f"data: {data}\n\n"
-
-
-def dump(model: BaseModel) -> JSONResponse:
-    return JSONResponse(model.model_dump(mode="json"))
-
-
-async def cancel_on_disconnect(request: Request, work: asyncio.Future | asyncio.Task):
-    """Await ``work``, cancelling it (and so aborting its engine requests) if the client leaves."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                raise asyncio.CancelledError("client disconnected")
-    finally:
-        if not task.done():
-            task.cancel()
 
 
 def token_text(tokenizer, token_id: int) -> str:
@@ -185,12 +164,6 @@ def completion_logprobs(tokenizer, logprobs: list[TokenLogprob], offset: int) ->
     )
 
 
-def streaming_response(events: AsyncIterator[str], ablation: AblationSpec) -> StreamingResponse:
-    return StreamingResponse(
-        events, media_type="text/event-stream", headers={APPLIED_HEADER: describe_applied(ablation)}
-    )
-
-
 async def guarded_events(
     deltas: AsyncIterator[Delta],
     render: Callable[[Delta], str | None],
@@ -211,37 +184,24 @@ async def guarded_events(
     yield "data: [DONE]\n\n"
 
 
-async def parse_body(request: Request, model: type[Body]) -> Body:
-    """The JSON body as ``model`` (the guard middleware has checked it is declared JSON);
-    malformed JSON, JSON nested too deeply for the parser, and invalid fields are 400s."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        raise validation_error(error) from None
+# -- the plan: one request, checked -----------------------------------------------------------
 
 
-def validation_error(error: ValidationError) -> ApiError:
-    """Pydantic's first complaint as an OpenAI error naming the offending field."""
-    first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
-    message = first["msg"]
-    return bad_request(f"{param}: {message}" if param else message, param)
+@dataclass
+class Plan:
+    """What one request will run: a (prompt ids, sampling) pair per choice, in choice order."""
+
+    endpoint: str  # "chat" or "completions", for metrics
+    choices: list[tuple[list[int], SamplingOptions]]
+    prompt_tokens: int  # each distinct prompt once, as OpenAI's usage counts them
+    stop: list[str]
+    ablation: AblationSpec
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    body = await parse_body(request, ChatCompletionRequest)
-    state = api_state(request)
-    service = state.service
-    check_model(state, body.model)
-    ablation = resolve_request_ablation(request, body.ablation)
+def chat_plan(
+    body: ChatCompletionRequest, service: CompletionService, ablation: AblationSpec
+) -> Plan:
+    """The chat template applied once; ``n`` choices of it, each with its own seed."""
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     prompt_ids = service.chat_prompt_ids(
@@ -253,108 +213,32 @@ async def chat_completions(request: Request) -> Response:
     )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     sampling = sampling_options(body, service, max_tokens, logprobs)
-    stop = body.stop_strings()
-    streams = [
-        service.stream(
-            prompt_ids, choice_seed(sampling, i), ablation, stop=stop, index=i, endpoint="chat"
+    choices = [(prompt_ids, choice_seed(sampling, i)) for i in range(body.n)]
+    return Plan("chat", choices, len(prompt_ids), body.stop_strings(), ablation)
+
+
+def completion_plan(
+    body: CompletionRequest, service: CompletionService, ablation: AblationSpec
+) -> Plan:
+    """``n`` choices per prompt, prompt-major as OpenAI numbers them, each within its context."""
+    if body.echo:
+        raise bad_request("echo is not supported", "echo")
+    texts = completion_prompts(body.prompt)
+    if len(texts) * body.n > MAX_CHOICES:
+        raise bad_request(
+            f"{len(texts)} prompts x n={body.n} asks for more than {MAX_CHOICES} choices",
+            "prompt",
         )
-        for i in range(body.n)
-    ]
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    applied = AblationApplied(**applied_json(ablation))
-    tokenizer = service.tokenizer
-
-    if body.stream:
-        completion_tokens = 0
-
-        def render(delta: Delta) -> str | None:
-            nonlocal completion_tokens
-            completion_tokens += len(delta.token_ids)
-            if not (delta.text or delta.finish_reason or body.logprobs or body.return_token_ids):
-                return None
-            choice = ChatChunkChoice(
-                index=delta.index,
-                delta=ChatDelta(content=delta.text),
-                logprobs=chat_logprobs(tokenizer, delta.logprobs) if body.logprobs else None,
-                finish_reason=delta.finish_reason,
-                token_ids=delta.token_ids if body.return_token_ids else None,
-            )
-            return sse(
-                ChatCompletionChunk(
-                    id=request_id,
-                    created=created,
-                    model=body.model,
-                    choices=[choice],
-                    ablation=applied if delta.finish_reason else None,
-                )
-            )
-
-        def tail() -> list[str]:
-            if not (body.stream_options and body.stream_options.include_usage):
-                return []
-            usage = Usage(
-                prompt_tokens=len(prompt_ids),
-                completion_tokens=completion_tokens,
-                total_tokens=len(prompt_ids) + completion_tokens,
-            )
-            return [
-                sse(
-                    ChatCompletionChunk(
-                        id=request_id,
-                        created=created,
-                        model=body.model,
-                        choices=[],
-                        usage=usage,
-                        ablation=applied,
-                    )
-                )
-            ]
-
-        first = ChatCompletionChunk(
-            id=request_id,
-            created=created,
-            model=body.model,
-            ablation=applied,
-            choices=[
-                ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-                for i in range(body.n)
-            ],
-        )
-
-        async def events() -> AsyncIterator[str]:
-            yield sse(first)
-            async for event in guarded_events(merge(streams), render, tail):
-                yield event
-
-        return streaming_response(events(), ablation)
-
-    outputs = await cancel_on_disconnect(request, collect(streams))
-    completion_tokens = sum(len(o.token_ids) for o in outputs)
-    response = ChatCompletionResponse(
-        id=request_id,
-        created=created,
-        model=body.model,
-        choices=[
-            ChatChoice(
-                index=o.index,
-                message=AssistantMessage(content=o.text),
-                logprobs=chat_logprobs(tokenizer, o.logprobs) if body.logprobs else None,
-                finish_reason=o.finish_reason,
-                token_ids=o.token_ids if body.return_token_ids else None,
-            )
-            for o in outputs
-        ],
-        usage=Usage(
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=completion_tokens,
-            total_tokens=len(prompt_ids) + completion_tokens,
-        ),
-        ablation=applied,
-    )
-    result = dump(response)
-    result.headers[APPLIED_HEADER] = describe_applied(ablation)
-    return result
+    prompts = [service.text_prompt_ids(p) for p in texts]
+    requested = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+    base = sampling_options(body, service, requested, body.logprobs)
+    choices = []
+    for ids in prompts:
+        budget = service.max_tokens_for(ids, requested, "max_tokens", "prompt")
+        sampling = replace(base, max_tokens=budget)
+        choices += [(ids, choice_seed(sampling, j)) for j in range(body.n)]
+    prompt_tokens = sum(len(ids) for ids in prompts)
+    return Plan("completions", choices, prompt_tokens, body.stop_strings(), ablation)
 
 
 def completion_prompts(
@@ -370,120 +254,239 @@ def completion_prompts(
     return list(prompt)
 
 
-@router.post("/v1/completions")
-async def completions(request: Request) -> Response:
-    body = await parse_body(request, CompletionRequest)
-    state = api_state(request)
-    service = state.service
-    check_model(state, body.model)
-    ablation = resolve_request_ablation(request, body.ablation)
-    if body.echo:
-        raise bad_request("echo is not supported", "echo")
-    texts = completion_prompts(body.prompt)
-    if len(texts) * body.n > MAX_CHOICES:
-        raise bad_request(
-            f"{len(texts)} prompts x n={body.n} asks for more than {MAX_CHOICES} choices",
-            "prompt",
+# -- renderers: the endpoint's OpenAI objects ---------------------------------------------------
+
+
+@dataclass
+class Meta:
+    """What every object of one response carries."""
+
+    id: str
+    created: int
+    model: str
+    applied: AblationApplied
+    logprobs: bool
+    token_ids: bool
+
+
+class Renderer(Protocol):
+    """Shapes one endpoint's OpenAI objects; :func:`respond` and :func:`sse_events` do the rest."""
+
+    meta: Meta
+
+    def opening(self, n: int) -> BaseModel | None: ...
+    def piece(self, delta: Delta, with_ablation: bool) -> BaseModel: ...
+    def usage_chunk(self, usage: Usage) -> BaseModel: ...
+    def whole(self, outputs: list[ChoiceOutput], usage: Usage) -> BaseModel: ...
+
+
+@dataclass
+class ChatRenderer:
+    """``chat.completion`` and its chunks (which open with the assistant role)."""
+
+    meta: Meta
+    tokenizer: object
+
+    def _chunk(self, choices: list[ChatChunkChoice], **extra) -> ChatCompletionChunk:
+        m = self.meta
+        return ChatCompletionChunk(
+            id=m.id, created=m.created, model=m.model, choices=choices, **extra
         )
-    prompts = [service.text_prompt_ids(p) for p in texts]
-    requested = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-    budgets = [service.max_tokens_for(ids, requested, "max_tokens", "prompt") for ids in prompts]
-    base = sampling_options(body, service, requested, body.logprobs)
-    stop = body.stop_strings()
-    streams = []
-    for p, (ids, budget) in enumerate(zip(prompts, budgets, strict=True)):
-        for j in range(body.n):
-            sampling = choice_seed(replace(base, max_tokens=budget), j)
-            streams.append(
-                service.stream(
-                    ids, sampling, ablation, stop=stop, index=p * body.n + j, endpoint="completions"
-                )
-            )
-    request_id = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    applied = AblationApplied(**applied_json(ablation))
-    tokenizer = service.tokenizer
-    prompt_tokens = sum(len(ids) for ids in prompts)
-    want_logprobs = body.logprobs is not None
 
-    if body.stream:
-        completion_tokens = 0
-        offsets = [0] * len(streams)
-        sent_first = False
+    def opening(self, n: int) -> BaseModel:
+        """The assistant role for every choice, as OpenAI's first chunk."""
+        roles = [
+            ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+            for i in range(n)
+        ]
+        return self._chunk(roles, ablation=self.meta.applied)
 
-        def render(delta: Delta) -> str | None:
-            nonlocal completion_tokens, sent_first
-            completion_tokens += len(delta.token_ids)
-            if not (delta.text or delta.finish_reason or want_logprobs or body.return_token_ids):
-                return None
-            logprobs = None
-            if want_logprobs:
-                logprobs = completion_logprobs(tokenizer, delta.logprobs, offsets[delta.index])
-            offsets[delta.index] += len(delta.text)
-            chunk = CompletionResponse(
-                id=request_id,
-                created=created,
-                model=body.model,
-                choices=[
-                    CompletionChoice(
-                        index=delta.index,
-                        text=delta.text,
-                        logprobs=logprobs,
-                        finish_reason=delta.finish_reason,
-                        token_ids=delta.token_ids if body.return_token_ids else None,
-                    )
-                ],
-                ablation=applied if (delta.finish_reason or not sent_first) else None,
-            )
-            sent_first = True
-            return sse(chunk)
+    def piece(self, delta: Delta, with_ablation: bool) -> BaseModel:
+        choice = ChatChunkChoice(
+            index=delta.index,
+            delta=ChatDelta(content=delta.text),
+            logprobs=chat_logprobs(self.tokenizer, delta.logprobs) if self.meta.logprobs else None,
+            finish_reason=delta.finish_reason,
+            token_ids=delta.token_ids if self.meta.token_ids else None,
+        )
+        return self._chunk([choice], ablation=self.meta.applied if with_ablation else None)
 
-        def tail() -> list[str]:
-            if not (body.stream_options and body.stream_options.include_usage):
-                return []
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            )
-            return [
-                sse(
-                    CompletionResponse(
-                        id=request_id,
-                        created=created,
-                        model=body.model,
-                        choices=[],
-                        usage=usage,
-                        ablation=applied,
-                    )
-                )
-            ]
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        return self._chunk([], usage=usage, ablation=self.meta.applied)
 
-        return streaming_response(guarded_events(merge(streams), render, tail), ablation)
-
-    outputs = await cancel_on_disconnect(request, collect(streams))
-    completion_tokens = sum(len(o.token_ids) for o in outputs)
-    response = CompletionResponse(
-        id=request_id,
-        created=created,
-        model=body.model,
-        choices=[
-            CompletionChoice(
+    def whole(self, outputs: list[ChoiceOutput], usage: Usage) -> BaseModel:
+        m = self.meta
+        choices = [
+            ChatChoice(
                 index=o.index,
-                text=o.text,
-                logprobs=completion_logprobs(tokenizer, o.logprobs, 0) if want_logprobs else None,
+                message=AssistantMessage(content=o.text),
+                logprobs=chat_logprobs(self.tokenizer, o.logprobs) if m.logprobs else None,
                 finish_reason=o.finish_reason,
-                token_ids=o.token_ids if body.return_token_ids else None,
+                token_ids=o.token_ids if m.token_ids else None,
             )
             for o in outputs
-        ],
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
-        ablation=applied,
+        ]
+        return ChatCompletionResponse(
+            id=m.id,
+            created=m.created,
+            model=m.model,
+            choices=choices,
+            usage=usage,
+            ablation=m.applied,
+        )
+
+
+@dataclass
+class CompletionRenderer:
+    """``text_completion`` objects, whole or as chunks (logprob offsets run on per choice)."""
+
+    meta: Meta
+    tokenizer: object
+    offsets: dict[int, int] = field(default_factory=dict)  # text offset per streamed choice
+
+    def _object(self, choices: list[CompletionChoice], **extra) -> CompletionResponse:
+        m = self.meta
+        return CompletionResponse(
+            id=m.id, created=m.created, model=m.model, choices=choices, **extra
+        )
+
+    def _choice(self, index, text, logprobs, finish, token_ids, offset) -> CompletionChoice:
+        return CompletionChoice(
+            index=index,
+            text=text,
+            logprobs=completion_logprobs(self.tokenizer, logprobs, offset)
+            if self.meta.logprobs
+            else None,
+            finish_reason=finish,
+            token_ids=token_ids if self.meta.token_ids else None,
+        )
+
+    def opening(self, n: int) -> None:
+        return None  # text completions have no role chunk
+
+    def piece(self, delta: Delta, with_ablation: bool) -> BaseModel:
+        offset = self.offsets.get(delta.index, 0)
+        self.offsets[delta.index] = offset + len(delta.text)
+        choice = self._choice(
+            delta.index, delta.text, delta.logprobs, delta.finish_reason, delta.token_ids, offset
+        )
+        return self._object([choice], ablation=self.meta.applied if with_ablation else None)
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        return self._object([], usage=usage, ablation=self.meta.applied)
+
+    def whole(self, outputs: list[ChoiceOutput], usage: Usage) -> BaseModel:
+        choices = [
+            self._choice(o.index, o.text, o.logprobs, o.finish_reason, o.token_ids, 0)
+            for o in outputs
+        ]
+        return self._object(choices, usage=usage, ablation=self.meta.applied)
+
+
+# -- one request path --------------------------------------------------------------------------
+
+
+def usage(plan: Plan, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=plan.prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=plan.prompt_tokens + completion_tokens,
     )
-    result = dump(response)
-    result.headers[APPLIED_HEADER] = describe_applied(ablation)
-    return result
+
+
+async def respond(
+    plan: Plan, service: CompletionService, renderer: Renderer, stream: bool, include_usage: bool
+) -> Response:
+    """Run ``plan`` and answer: the whole response, or its pieces as server-sent events."""
+    streams = [
+        service.stream(
+            ids, sampling, plan.ablation, stop=plan.stop, index=i, endpoint=plan.endpoint
+        )
+        for i, (ids, sampling) in enumerate(plan.choices)
+    ]
+    header = {APPLIED_HEADER: describe_applied(plan.ablation)}
+    if stream:
+        events = sse_events(plan, renderer, streams, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers=header)
+    # A client that leaves is cancelled by LimitsMiddleware, which aborts the engine requests.
+    outputs = await collect(streams)
+    tokens = sum(len(o.token_ids) for o in outputs)
+    whole = renderer.whole(outputs, usage(plan, tokens))
+    return JSONResponse(whole.model_dump(mode="json"), headers=header)
+
+
+async def sse_events(
+    plan: Plan, renderer: Renderer, streams: list, include_usage: bool
+) -> AsyncIterator[str]:
+    """The stream: an opening chunk where the endpoint has one, a chunk per piece (the applied
+    ablation on the first chunk and on each choice's last), the usage chunk if asked, [DONE]."""
+    meta = renderer.meta
+    opening = renderer.opening(len(plan.choices))
+    if opening is not None:
+        yield sse(opening)
+    sent_ablation = opening is not None
+    completion_tokens = 0
+
+    def render(delta: Delta) -> str | None:
+        nonlocal completion_tokens, sent_ablation
+        completion_tokens += len(delta.token_ids)
+        if not (delta.text or delta.finish_reason or meta.logprobs or meta.token_ids):
+            return None
+        with_ablation = delta.finish_reason is not None or not sent_ablation
+        sent_ablation = True
+        return sse(renderer.piece(delta, with_ablation))
+
+    def tail() -> list[str]:
+        return [sse(renderer.usage_chunk(usage(plan, completion_tokens)))] if include_usage else []
+
+    async for event in guarded_events(merge(streams), render, tail):
+        yield event
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What differs between chat and text completions; everything else is one path."""
+
+    request: type[ChatCompletionRequest] | type[CompletionRequest]
+    plan: Callable[..., Plan]
+    id_prefix: str
+    renderer: type[ChatRenderer] | type[CompletionRenderer]
+
+
+CHAT = Endpoint(ChatCompletionRequest, chat_plan, "chatcmpl", ChatRenderer)
+TEXT = Endpoint(CompletionRequest, completion_plan, "cmpl", CompletionRenderer)
+
+
+async def serve(request: Request, endpoint: Endpoint) -> Response:
+    """Body → model check → ablation (key policy) → plan → response."""
+    body = await parse_body(request, endpoint.request)
+    state = api_state(request)
+    check_model(state, body.model)
+    ablation = resolve_request_ablation(request, body.ablation)
+    plan = endpoint.plan(body, state.service, ablation)
+    meta = Meta(
+        id=f"{endpoint.id_prefix}-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=body.model,
+        applied=AblationApplied(**applied_json(ablation)),
+        logprobs=wants_logprobs(body),
+        token_ids=body.return_token_ids,
+    )
+    renderer = endpoint.renderer(meta, state.service.tokenizer)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await respond(plan, state.service, renderer, body.stream, include_usage)
+
+
+def wants_logprobs(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    """Chat asks with a flag; completions with a count, where 0 still means the chosen token's."""
+    return body.logprobs if isinstance(body.logprobs, bool) else body.logprobs is not None
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await serve(request, CHAT)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await serve(request, TEXT)

@@ -6,8 +6,9 @@ Extensions (all optional, ignored by plain OpenAI clients):
   ``return_token_ids`` (as in vLLM): each choice carries the generated ``token_ids``;
   ``ignore_eos`` (as in vLLM): generate exactly ``max_tokens`` tokens (benchmarks).
 
-Unknown request fields are ignored (as OpenAI-compatible servers do), except inside ``ablation``,
-where a typo would silently serve the wrong model.
+These models are the transformers engine's request surface (the vLLM engine validates with
+vLLM's own request models). A field they do not name is a 400 naming it, never ignored: a client
+sending ``tools`` or ``response_format`` must learn that this engine cannot honour them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 MAX_N = 16
 MAX_STOP_STRINGS = 16  # vLLM bounds stop lists too; each string is searched after every token
 MAX_STOP_CHARS = 4096  # all stop strings together
+MAX_CHOICES = 64  # prompts x n per request: one request must not flood the engine
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # biased tokens per request: bounds the per-token work of one row
+MAX_STOP_TOKEN_IDS = 64
+MAX_REPETITION_PENALTY = 10.0
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64, as OpenAI documents; engines' RNGs take these
 
 
@@ -54,6 +60,8 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -67,9 +75,10 @@ class ChatMessage(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """Fields shared by chat and text completions."""
+    """Fields shared by chat and text completions; the sampling controls mean what vLLM's
+    fields of the same names mean."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -83,6 +92,14 @@ class SamplingFields(BaseModel):
     ablation: AblationBody | None = None
     return_token_ids: bool = False
     ignore_eos: bool = False
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=MAX_REPETITION_PENALTY)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

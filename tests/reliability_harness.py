@@ -64,14 +64,19 @@ def write_keys(path: Path) -> Path:
 
 
 @contextmanager
-def served(*args: str, log_path: Path, env: dict[str, str] | None = None) -> Iterator[Served]:
+def served(
+    *args: str, log_path: Path, env: dict[str, str] | None = None, faults: bool = False
+) -> Iterator[Served]:
     """Run ``abliserve serve ARGS`` on a free localhost port until /health answers, yield it,
-    and stop it on the way out (SIGTERM, then SIGKILL if it hangs)."""
+    and stop it on the way out (SIGTERM, then SIGKILL if it hangs). With ``faults``, the
+    server's engine fails the requests :mod:`fault_injection` names."""
     port = free_port()
+    entry = (
+        [str(Path(__file__).with_name("fault_injection.py"))] if faults else ["-m", "abliserve.cli"]
+    )
     command = [
         sys.executable,
-        "-m",
-        "abliserve.cli",
+        *entry,
         "serve",
         "--host",
         "127.0.0.1",

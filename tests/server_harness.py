@@ -43,7 +43,7 @@ def tiny_direction(checkpoint: Path, path: Path, seed: int) -> Path:
     from tiny_models import random_directions
 
     from abliserve.directions.artifact import DirectionArtifact
-    from abliserve.models import checkpoint_identity
+    from abliserve.directions.identity import checkpoint_identity
 
     identity = checkpoint_identity(checkpoint)
     sites = 2 * identity.num_layers + 1

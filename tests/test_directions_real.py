@@ -12,8 +12,8 @@ from abliserve.cli import main
 from abliserve.datasets import load_instructions
 from abliserve.directions.artifact import load_artifact
 from abliserve.directions.evaluate import Evaluator
+from abliserve.directions.identity import checkpoint_identity
 from abliserve.directions.modelio import load_model
-from abliserve.models import checkpoint_identity
 from abliserve.refusal import is_refusal
 
 REPO = Path(__file__).resolve().parents[1]

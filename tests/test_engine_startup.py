@@ -20,7 +20,7 @@ import pytest
 import tiny_models
 
 from abliserve.directions.artifact import load_artifact
-from abliserve.models import checkpoint_identity
+from abliserve.directions.identity import checkpoint_identity
 from abliserve.server.engines import EngineOptions
 from abliserve.server.engines import vllm_cpu_sizing as sizing
 from abliserve.server.engines.base import AblationSpec, GenerationRequest, SamplingOptions

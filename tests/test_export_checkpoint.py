@@ -13,8 +13,8 @@ from abliserve.bank import DirectionBank
 from abliserve.directions.artifact import ArtifactError, DirectionArtifact
 from abliserve.directions.errors import DirectionError
 from abliserve.directions.export import export_checkpoint
+from abliserve.directions.identity import checkpoint_identity
 from abliserve.hooks import AblationHooks
-from abliserve.models import checkpoint_identity
 from abliserve.projection import site_names
 
 TOKENS = torch.tensor([[3, 4, 11, 12, 13, 14, 15, 2, 3, 5]])

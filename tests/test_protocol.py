@@ -26,13 +26,20 @@ def test_chat_request_defaults_and_extensions():
             "model": "m",
             "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
             "ablation": {"strength": 0.5},
-            "user": "ignored",
             "presence_penalty": 0,
         }
     )
     assert request.messages[0].text() == "hi"
     assert request.ablation.strength == 0.5 and request.ablation.direction is None
     assert request.n == 1 and request.stream is False and request.stop_strings() == []
+
+
+def test_fields_the_engine_cannot_honour_are_refused_not_ignored():
+    for extra in ({"user": "u"}, {"tools": []}, {"response_format": {"type": "json_object"}}):
+        with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+            ChatCompletionRequest.model_validate(
+                {"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}
+            )
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
-"""Faults, on a tiny model served by a real subprocess (issue 6 point 2):
+"""Faults, on a tiny model served by a real subprocess:
 
-* an engine error in one request (the TEST-ONLY hook of :mod:`abliserve.server.engines.faults`,
-  switched on by ``ABLISERVE_TEST_FAULTS=1``) is a 500 — or a stream ``error`` event — for that
+* an engine error in one request (injected by the tests' own :mod:`fault_injection`, which
+  wraps the server's engine) is a 500 — or a stream ``error`` event — for that
   request alone; the requests beside it in the same batch get exactly their solo tokens;
 * a dead engine (the fault hook's stop, the transformers engine's thread dying, a vLLM worker
   killed mid-request) ends the server with ENGINE_DIED_EXIT_CODE, for a supervisor to restart;
@@ -27,12 +27,12 @@ from pathlib import Path
 import httpx
 import pytest
 import tiny_models
+from fault_injection import FAULT_SEED, STOP_SEED, STOPPED
 from reliability_harness import served
 from server_harness import tiny_direction
 
-from abliserve.models import checkpoint_identity
+from abliserve.directions.identity import checkpoint_identity
 from abliserve.server.engines.base import EngineStoppedError, GenerationRequest, SamplingOptions
-from abliserve.server.engines.faults import FAULT_ENV, FAULT_SEED, STOP_SEED, STOPPED
 from abliserve.server.engines.transformers_engine import TransformersEngine
 from abliserve.server.watchdog import ENGINE_DIED_EXIT_CODE
 
@@ -75,7 +75,7 @@ def server(tiny):
     with served(
         *serve_args(tiny),
         log_path=tiny["folder"] / "server.log",
-        env={FAULT_ENV: "1"},
+        faults=True,
     ) as process:
         yield process
 
@@ -142,8 +142,7 @@ def test_a_stopped_engine_ends_the_server_with_the_engine_died_status(tiny) -> N
     """When the engine can serve no more, the request that found out is a 503 naming the cause
     and the process exits with ENGINE_DIED_EXIT_CODE (not a zombie answering 503 forever), so
     a supervisor restarts it. Before this policy the server stayed up indefinitely."""
-    env = {FAULT_ENV: "1"}
-    with served(*serve_args(tiny), log_path=tiny["folder"] / "stop.log", env=env) as process:
+    with served(*serve_args(tiny), log_path=tiny["folder"] / "stop.log", faults=True) as process:
         with httpx.Client(base_url=process.url, timeout=TIMEOUT_S) as client:
             assert client.get("/health").status_code == 200
             body = chat_body(PROMPTS[0], 0.0, seed=STOP_SEED)

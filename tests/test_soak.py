@@ -32,7 +32,7 @@ import torch
 from reliability_harness import served
 
 from abliserve.directions.artifact import DirectionArtifact
-from abliserve.models import checkpoint_identity
+from abliserve.directions.identity import checkpoint_identity
 from abliserve.projection import site_names
 
 REQUESTS = int(os.environ.get("ABLISERVE_SOAK_REQUESTS", "24"))

@@ -13,7 +13,7 @@ import torch
 from server_harness import tiny_direction
 
 from abliserve.directions.artifact import load_artifact
-from abliserve.models import checkpoint_identity
+from abliserve.directions.identity import checkpoint_identity
 from abliserve.server.engines.base import (
     BASELINE,
     AblationSpec,

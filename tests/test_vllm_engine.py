@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from abliserve.directions.artifact import DirectionArtifact, load_artifact
-from abliserve.models import checkpoint_identity
+from abliserve.directions.identity import checkpoint_identity
 from abliserve.projection import normalise
 from abliserve.server.engines.base import (
     BASELINE,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ class AblationSpec:
 
     def cache_salt(self) -> str | None:
         """Prefix-cache salt: ablated K/V must never be shared with other (direction, strength)
-        pairs; baseline traffic returns None so it keeps sharing the cache (DESIGN.md §4)."""
+        pairs; baseline traffic returns None so it keeps sharing the cache."""
         if not self.active:
             return None
         key = f"abliserve:{self.direction}:{self.strength!r}"
@@ -42,7 +43,8 @@ BASELINE = AblationSpec(direction=None, strength=0.0)
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """Per-request sampling; temperature 0 is greedy."""
+    """Per-request sampling; temperature 0 is greedy. The controls mean what vLLM's
+    ``SamplingParams`` of the same names mean (the transformers engine follows vLLM's order)."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -55,6 +57,13 @@ class SamplingOptions:
     # first-token KL needs the full vocabulary, and a tensor costs a copy where a
     # {token: logprob} dict of 150k entries costs ~13 MiB of Python objects.
     full_distribution: bool = False
+    top_k: int = 0  # 0 (or -1): all tokens
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    min_tokens: int = 0  # end and stop tokens are masked until this many tokens exist
 
 
 @dataclass
@@ -127,6 +136,27 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def abort(self, request_id: str) -> None:
         """Stop a request and free its slot (idempotent)."""
+
+    def check_request(self, request: GenerationRequest, vocab_size: int) -> None:
+        """Reject (ValueError, a 400 upstream) what would break a batch for everyone in it; the
+        HTTP layer checks the same facts first, naming the fields, so this guards other
+        callers of the engine."""
+        ids, sampling, ablation = request.prompt_token_ids, request.sampling, request.ablation
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            raise ValueError(f"prompt token ids must lie in [0, {vocab_size})")
+        if sampling.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if len(ids) + sampling.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) plus max_tokens ({sampling.max_tokens}) "
+                f"exceeds the maximum model length {self.max_model_len}"
+            )
+        if ablation.direction is not None and ablation.direction not in self.directions:
+            raise ValueError(f"unknown direction {ablation.direction!r}")
+        if not math.isfinite(ablation.strength):
+            raise ValueError(f"ablation strength must be finite, got {ablation.strength}")
 
     def stopped(self) -> str | None:
         """Why the engine can serve no more requests, or None while it can (``/health``)."""

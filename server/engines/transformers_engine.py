@@ -14,7 +14,7 @@ torch):
 Every forward sets the ablation hooks per row (direction slot and strength from the request),
 so requests with different strengths and directions share one forward pass. Each row samples
 from its own logits with its own generator; padding is masked and positions are per row, so a
-greedy request yields the tokens it yields alone (DESIGN.md §7, invariant 3). Attention runs
+greedy request yields the tokens it yields alone. Attention runs
 "eager" by default: its masked softmax gives exact zeros for padding.
 
 Tokens travel to the request's asyncio queue with ``loop.call_soon_threadsafe``.
@@ -27,7 +27,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,7 +43,12 @@ from abliserve.server.engines.base import (
     GenerationRequest,
 )
 from abliserve.server.engines.kv_batch import KVBatch, check_supported
-from abliserve.server.engines.sampling import make_generator, sample_token, token_logprob
+from abliserve.server.engines.sampling import (
+    make_generator,
+    processed_logits,
+    sample_token,
+    token_logprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +78,11 @@ class _Row:
 
     request: GenerationRequest
     emit: Emit
-    slot: int
     generator: torch.Generator | None
     stop_ids: frozenset[int]
     position: int  # position id of last_token, the token the next decode step feeds
     last_token: int = 0
-    generated: int = 0
+    output_ids: list[int] = field(default_factory=list)  # for penalties and min_tokens
 
 
 class TransformersEngine(Engine):
@@ -177,30 +181,12 @@ class TransformersEngine(Engine):
 
     # -- requests (event-loop side) -----------------------------------------------------------
 
-    def check_request(self, request: GenerationRequest) -> None:
-        """Reject what would break a batch forward (the HTTP layer checks first, with params)."""
-        ids = request.prompt_token_ids
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
-        if len(ids) + request.sampling.max_tokens > self._max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) plus max_tokens ({request.sampling.max_tokens}) "
-                f"exceeds the maximum model length {self._max_model_len}"
-            )
-        if request.sampling.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        direction = request.ablation.direction
-        if direction is not None and direction not in self.bank.names:
-            raise ValueError(f"unknown direction {direction!r}")
-
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         if self._death is not None:
             raise EngineStoppedError(self._death)
         if self.model is None:
             raise EngineError("the engine is not running")
-        self.check_request(request)
+        self.check_request(request, self.vocab_size)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
 
@@ -331,7 +317,6 @@ class TransformersEngine(Engine):
             row = _Row(
                 request=request,
                 emit=pending.emit,
-                slot=self.bank.slot(request.ablation.direction) if request.ablation.active else 0,
                 generator=make_generator(request.sampling, self.device),
                 stop_ids=frozenset(request.sampling.stop_token_ids)
                 | (frozenset() if request.sampling.ignore_eos else self._eos_ids),
@@ -374,7 +359,10 @@ class TransformersEngine(Engine):
         finished = set()
         for i, row in enumerate(rows):
             sampling = row.request.sampling
-            token = sample_token(logits[i], sampling, row.generator)
+            processed = processed_logits(
+                logits[i], sampling, row.request.prompt_token_ids, row.output_ids, row.stop_ids
+            )
+            token = sample_token(processed, sampling, row.generator)
             chunk = GenerationChunk(token_ids=[])
             if sampling.full_distribution:
                 chunk.distribution = torch.log_softmax(logits[i], dim=-1).cpu()
@@ -384,10 +372,13 @@ class TransformersEngine(Engine):
                 chunk.token_ids = [token]
                 if sampling.logprobs is not None:
                     chunk.logprobs = [token_logprob(logits[i], token, sampling.logprobs)]
-                row.generated += 1
+                row.output_ids.append(token)
                 row.last_token = token
                 row.position += 1
-                if row.generated >= sampling.max_tokens or row.position + 1 >= self._max_model_len:
+                if (
+                    len(row.output_ids) >= sampling.max_tokens
+                    or row.position + 1 >= self._max_model_len
+                ):
                     chunk.finish_reason = "length"
             if chunk.finish_reason is not None:
                 finished.add(i)

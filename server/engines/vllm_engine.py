@@ -8,7 +8,7 @@ the plugin of :mod:`abliserve.server.engines.vllm_plugin`; this module only
 * hands the plugin the direction bank (``additional_config``, also the compile-cache salt),
 * tags each request with its bank slot and strength (``SamplingParams.extra_args``), and
 * salts the prefix cache for ablated requests (``AblationSpec.cache_salt()``): their K/V differ
-  from the baseline's, while baseline requests keep sharing cached prefixes (DESIGN.md §4).
+  from the baseline's, while baseline requests keep sharing cached prefixes.
 
 An engine built with no directions is plain vLLM: the plugin installs nothing.
 """
@@ -103,6 +103,13 @@ class VllmEngine(Engine):
     def max_model_len(self) -> int:
         return self._max_model_len
 
+    @property
+    def client(self) -> Any:
+        """The running ``AsyncLLM`` (vLLM's ``EngineClient``), for vLLM's own OpenAI serving."""
+        if self._llm is None:
+            raise EngineError("the engine is not running")
+        return self._llm
+
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -123,26 +130,6 @@ class VllmEngine(Engine):
             self._llm.shutdown()
             self._llm = None
 
-    def check_request(self, request: GenerationRequest) -> None:
-        """Reject what vLLM would refuse mid-flight (the HTTP layer checks first, with params)."""
-        ids = request.prompt_token_ids
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if min(ids) < 0 or max(ids) >= self._vocab_size:
-            raise ValueError(f"prompt token ids must lie in [0, {self._vocab_size})")
-        if request.sampling.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if len(ids) + request.sampling.max_tokens > self._max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) plus max_tokens ({request.sampling.max_tokens}) "
-                f"exceeds the maximum model length {self._max_model_len}"
-            )
-        ablation = request.ablation
-        if ablation.direction is not None and ablation.direction not in self.slots:
-            raise ValueError(f"unknown direction {ablation.direction!r}")
-        if not math.isfinite(ablation.strength):
-            raise ValueError(f"ablation strength must be finite, got {ablation.strength}")
-
     def sampling_params(self, request: GenerationRequest) -> Any:
         """vLLM ``SamplingParams`` for one request, carrying its ablation in ``extra_args``."""
         from vllm import SamplingParams
@@ -158,6 +145,13 @@ class VllmEngine(Engine):
             stop_token_ids=list(options.stop_token_ids),
             logprobs=-1 if options.full_distribution else options.logprobs,
             ignore_eos=options.ignore_eos,
+            top_k=options.top_k,
+            min_p=options.min_p,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
+            repetition_penalty=options.repetition_penalty,
+            logit_bias=dict(options.logit_bias) or None,
+            min_tokens=options.min_tokens,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
             extra_args=ablation_extra_args(slot, ablation.strength),
@@ -165,7 +159,7 @@ class VllmEngine(Engine):
 
     def prompt_inputs(self, request: GenerationRequest) -> Any:
         """vLLM ``TokensPrompt`` of one request, salted for ablated requests so their K/V never
-        share prefix-cache blocks with another (direction, strength) (DESIGN.md §4)."""
+        share prefix-cache blocks with another (direction, strength)."""
         from vllm.inputs import TokensPrompt
 
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
@@ -181,7 +175,7 @@ class VllmEngine(Engine):
             raise EngineError("the engine is not running")
         if (reason := self.stopped()) is not None:
             raise EngineStoppedError(reason)
-        self.check_request(request)
+        self.check_request(request, self._vocab_size)
         prompt = self.prompt_inputs(request)
         params = self.sampling_params(request)
         finished = False
