@@ -338,7 +338,7 @@ def build_config(args: argparse.Namespace):
             peaks={name: float(a.weights.max()) for name, a in directions.items()},
         ),
         keys=load_keys(args.api_key, args.api_keys_file),
-        engine=engine,
+        engine=args.engine,  # unresolved: `auto` may still fall back when vLLM cannot start
         engine_options=EngineOptions(
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
