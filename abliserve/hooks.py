@@ -3,7 +3,7 @@
 Used by the transformers engine (mixed requests in one batch), by direction selection (every row
 at one candidate) and by tests as the reference for the vLLM op. Each writer's output is
 projected exactly once, at the writer, so strengths other than 1 keep their meaning
-(DESIGN.md §1: re-projecting the stream at every layer would compound to (1 - alpha)^k).
+(docs/MATHS.md: re-projecting the stream at every layer would compound to (1 - alpha)^k).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one implementation of directional ablation (DESIGN.md §1).
+"""The one implementation of directional ablation (docs/MATHS.md).
 
 Every writer of the residual stream (the embedding output, every attention output projection
 and every MLP output projection) has its output projected once:

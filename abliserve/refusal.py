@@ -1,4 +1,4 @@
-"""Refusal detection by substring markers (DESIGN.md §6).
+"""Refusal detection by substring markers (docs/EVAL.md).
 
 Two lists: the JailbreakBench/Arditi et al. prefixes (the reference numbers use this one) and
 heretic's broader, case-insensitive list as a second opinion. An empty completion counts as a

@@ -1,4 +1,4 @@
-"""abliserve against what users would run instead, side by side in one run (issue 7).
+"""abliserve against what users would run instead, side by side in one run.
 
     .venv/bin/python bench/compare.py                    # everything; writes bench/RESULTS.md
     .venv/bin/python bench/compare.py --blocks vllm --rounds 1 --tokens 8   # a quick look

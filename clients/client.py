@@ -75,7 +75,7 @@ def chat_messages(prompt: Messages, system: str | None = None) -> list[dict[str,
 
 
 def ablation_body(strength: float | None, direction: str | None) -> dict[str, Any]:
-    """The ``ablation`` request field (DESIGN.md §5); empty when the server default applies."""
+    """The ``ablation`` request field (docs/API.md); empty when the server default applies."""
     ablation: dict[str, Any] = {}
     if strength is not None:
         ablation["strength"] = strength

@@ -1,6 +1,6 @@
 """``abliserve eval``: refusal rates and damage of a running server across ablation strengths.
 
-Per strength α (DESIGN.md §6): the refusal rate on harmful prompts under both marker lists (empty
+Per strength α (docs/EVAL.md): the refusal rate on harmful prompts under both marker lists (empty
 outputs count as refusals and are also counted apart), the over-refusal rate on harmless prompts,
 and the mean first-token KL(baseline ‖ α) on harmless prompts. Generations are greedy with the
 same seed at every strength, so only the ablation differs.

@@ -1,4 +1,4 @@
-"""The strength-sweep plot: how refusals and damage move as α goes 0 → 1 (DESIGN.md §6), the
+"""The strength-sweep plot: how refusals and damage move as α goes 0 → 1 (docs/EVAL.md), the
 picture users calibrate the dose from."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Direction artifacts: one ``.safetensors`` file holding the per-site directions and weights,
-with JSON metadata in the safetensors header (DESIGN.md §3.4).
+with JSON metadata in the safetensors header (docs/ARCHITECTURE.md).
 
 An artifact is data, never code: it is read with ``safetensors`` (no pickle), its size is
 bounded, and every tensor is validated (shape, finiteness, unit rows) before anything uses it.
@@ -105,7 +105,7 @@ class DirectionArtifact:
         }
 
     def check_fits(self, model: ModelIdentity, artifact_name: str = "direction") -> None:
-        """Refuse to run on a model this artifact was not computed for (DESIGN.md §7.5)."""
+        """Refuse to run on a model this artifact was not computed for (docs/MATHS.md)."""
         mine = self.model
         problems = []
         if mine.hidden_size != model.hidden_size:

@@ -15,7 +15,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     directions = commands.add_parser(
         "directions",
         help="compute, inspect and evaluate refusal directions",
-        description="Compute, inspect and evaluate refusal directions (DESIGN.md §3).",
+        description="Compute, inspect and evaluate refusal directions.",
     )
     sub = directions.add_subparsers(dest="directions_command", required=True, metavar="ACTION")
     _register_compute(sub)

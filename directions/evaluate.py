@@ -1,4 +1,4 @@
-"""``abliserve directions evaluate``: refusal rate and damage of a direction (DESIGN.md §6).
+"""``abliserve directions evaluate``: refusal rate and damage of a direction (docs/EVAL.md).
 
 Refusal rate: greedy completions of harmful prompts (e.g. JailbreakBench), judged by the
 JailbreakBench marker list (heretic's list as a second opinion; empty output = refusal).

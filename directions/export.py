@@ -1,4 +1,4 @@
-"""``abliserve export``: bake the ablation into the weights (DESIGN.md §3.5).
+"""``abliserve export``: bake the ablation into the weights (docs/MATHS.md).
 
 Every writer's weight (and bias) becomes ``(I - alpha w_k r_k r_k^T) W`` through the same
 functions of :mod:`abliserve.projection` the hooks' maths comes from, so the exported checkpoint

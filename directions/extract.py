@@ -1,4 +1,4 @@
-"""Step 1-2 of the pipeline (DESIGN.md §3): residual-stream activations at the last prompt token
+"""Step 1-2 of the pipeline (README.md): residual-stream activations at the last prompt token
 for harmful and harmless instructions, and their per-layer difference of means.
 
 Residual index ``i`` (0 <= i <= L) is the stream entering decoder layer ``i``; index ``L`` is the
@@ -77,7 +77,7 @@ class MeanDifference:
     harmless_count: int
 
     def directions(self, projected: bool) -> torch.Tensor:
-        """Unit candidate directions [L + 1, hidden] float32 (optionally projected, §1)."""
+        """Unit candidate directions [L + 1, hidden] float32 (optionally projected, MATHS.md)."""
         difference = self.difference
         if projected:
             difference = project_out(difference, self.harmless_mean)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Screen refusal-direction variants for the demo model over HTTP (issue 2's search; results in
+# Screen refusal-direction variants for the demo model over HTTP (results in
 # directions/RESULTS.md). Every step is a product command:
 #   1. `abliserve directions compute` builds one artifact per variant (layer, prompt filtering,
 #      projection, per-layer directions, weight kernel) from one cached extraction run,

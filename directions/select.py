@@ -1,4 +1,4 @@
-"""Step 3 of the pipeline (DESIGN.md §3): turn candidate directions into per-site tensors and
+"""Step 3 of the pipeline (README.md): turn candidate directions into per-site tensors and
 pick the candidate layer automatically.
 
 Each candidate layer ``l`` is scored as the artifact it would become:
@@ -33,7 +33,7 @@ from abliserve.projection import site_names
 
 @dataclass(frozen=True)
 class SiteProfile:
-    """Which direction each writer uses and how strongly (DESIGN.md §1, per-layer directions).
+    """Which direction each writer uses and how strongly (docs/MATHS.md, per-layer directions).
 
     A writer of decoder layer ``j`` writes into residual index ``j + 1`` (the embedding into 0).
     ``per_layer``: each writer uses the direction of the residual it writes into (heretic-style)

@@ -2,7 +2,7 @@
 
 ``POST /v1/ab`` runs every variant concurrently through the shared engine (so they share
 batches), with the same sampling options and seed, and returns all outputs with refusal flags
-under both marker lists (DESIGN.md §6), token counts and latencies. With ``"stream": true`` it
+under both marker lists (docs/EVAL.md), token counts and latencies. With ``"stream": true`` it
 sends server-sent events instead, tagged by variant, so a page can fill the columns live::
 
     event: start   data: {"id", "model", "variants": [{"strength", "direction"}, ...]}

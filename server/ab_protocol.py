@@ -39,7 +39,7 @@ class ABRequest(BaseModel):
 
 
 class RefusalFlags(BaseModel):
-    """Refusal under one marker list (DESIGN.md §6); ``markers`` are the matched substrings,
+    """Refusal under one marker list (docs/EVAL.md); ``markers`` are the matched substrings,
     ``[""]`` for an empty output (which counts as a refusal)."""
 
     refused: bool

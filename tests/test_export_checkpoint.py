@@ -1,4 +1,4 @@
-"""``export``: the orthogonalised checkpoint on disk behaves like the hooks (DESIGN.md §7.2),
+"""``export``: the orthogonalised checkpoint on disk behaves like the hooks (docs/MATHS.md),
 including a tied embedding (lm_head must not change) and biases on the writers."""
 
 from __future__ import annotations

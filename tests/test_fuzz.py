@@ -1,8 +1,8 @@
 """Hostile input against the HTTP API: every request gets a 4xx with an OpenAI-shaped error or a
-valid answer — never a 5xx, a hang, a broken stream or a dead server (issue 6 point 3).
+valid answer — never a 5xx, a hang, a broken stream or a dead server (docs/RELIABILITY.md).
 
 Two layers, on one tiny-model server (fast: generating cases are capped at two tokens):
-* named cases for every class of hostile input the issue lists (and the regressions this test
+* named cases for each class of hostile input in RELIABILITY.md (and the regressions this test
   found: int64-overflowing seeds and a float32-zero temperature/top_p used to fail a whole batch);
 * a hypothesis property over all generating routes: bodies assembled field by field from valid
   and hostile values (wrong types, NaN/inf, huge numbers and strings, unknown fields, bad roles,

@@ -1,4 +1,4 @@
-"""The ablation maths on tiny random models of two architectures (DESIGN.md §7.1-2):
+"""The ablation maths on tiny random models of two architectures (docs/MATHS.md, Invariants):
 alpha 0 is the untouched model, hooks at alpha equal weights orthogonalised at alpha, full
 ablation leaves no component along the direction, and each writer is projected exactly once."""
 

@@ -1,6 +1,6 @@
 """Access control and request limits, end to end on a tiny model served by a real subprocess.
 
-The rules (issue 6 point 4, DESIGN.md §5):
+The rules (docs/API.md, "Authentication and per-key policy"):
 * per-key ablation policy holds on EVERY route that generates: a key that may only serve the
   baseline gets 403 for any non-zero strength, a key capped at 0.5 gets 0.5 but not 0.6, on
   chat, completions, A/B and first-token alike, by header or by body; the server's default

@@ -1,5 +1,5 @@
 """Direction artifacts are data, never code: hostile files are refused with ArtifactError, and
-loading never unpickles anything (DESIGN.md §3.4, issue 6 point 5).
+loading never unpickles anything (docs/ARCHITECTURE.md, "The artifact format").
 
 Each file here is crafted the way an attacker (or a broken disk) would: a pickle renamed
 ``.safetensors``, a header that lies about its size or a tensor's shape, integer tensors, NaN,

