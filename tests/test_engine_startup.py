@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import tiny_models
 
@@ -209,3 +210,19 @@ def test_vllm_comes_up_on_a_10_gib_node_with_3_gib_available(
     assert name == "vllm"
     assert max_model_len == expected.max_model_len < 32768
     assert all(len(tokens) == 4 for tokens in outputs)
+
+
+@vllm_only
+def test_serve_auto_falls_back_end_to_end(tmp_path: Path) -> None:
+    """`abliserve serve --engine auto` where vLLM cannot start (its KV cache cannot fit) serves
+    with the transformers engine and says why in one warning line."""
+    from reliability_harness import served
+
+    checkpoint = tiny_models.checkpoint(tmp_path / "tiny")
+    args = ["--model", str(checkpoint), "--engine", "auto", "--kv-cache-memory-bytes", "64T"]
+    with served(*args, log_path=tmp_path / "serve.log") as server:
+        models = httpx.get(f"{server.url}/v1/models", timeout=30).json()
+        assert models["data"][0]["id"]
+    lines = [line for line in server.log().splitlines() if "cannot start" in line]
+    assert len(lines) == 1 and "serving with the transformers engine instead" in lines[0]
+    assert "Traceback" not in server.log()
