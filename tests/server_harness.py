@@ -6,10 +6,12 @@ uvicorn together, and a crash in it cannot take the test process down.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import torch
 from reliability_harness import served
 
@@ -54,3 +56,26 @@ def tiny_direction(checkpoint: Path, path: Path, seed: int) -> Path:
         method={"name": "random", "seed": seed},
     )
     return artifact.save(path)
+
+
+async def chat_token_ids(
+    client: httpx.AsyncClient, body: dict, headers: dict[str, str]
+) -> tuple[int, list[int]]:
+    """(status, generated token ids) of one chat request with ``return_token_ids``, streamed or
+    not as ``body`` says; a stream must carry no error event."""
+    if not body.get("stream"):
+        response = await client.post("/v1/chat/completions", json=body, headers=headers)
+        if response.status_code != 200:
+            return response.status_code, []
+        return 200, response.json()["choices"][0]["token_ids"]
+    tokens: list[int] = []
+    async with client.stream(
+        "POST", "/v1/chat/completions", json=body, headers=headers
+    ) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line.removeprefix("data: "))
+                assert "error" not in chunk, chunk
+                for choice in chunk["choices"]:
+                    tokens += choice.get("token_ids") or []
+        return response.status_code, tokens

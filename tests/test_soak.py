@@ -18,7 +18,6 @@ freed, as /metrics shows.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import re
@@ -30,6 +29,7 @@ import httpx
 import pytest
 import torch
 from reliability_harness import served
+from server_harness import chat_token_ids
 
 from abliserve.directions.artifact import DirectionArtifact
 from abliserve.directions.identity import checkpoint_identity
@@ -135,22 +135,7 @@ def request_parts(job: Job) -> tuple[dict, dict]:
 async def run_job(client: httpx.AsyncClient, job: Job) -> tuple[int, list[int]]:
     """(status, generated token ids) of one request, streamed or not."""
     body, headers = request_parts(job)
-    if not job.stream:
-        response = await client.post("/v1/chat/completions", json=body, headers=headers)
-        if response.status_code != 200:
-            return response.status_code, []
-        return 200, response.json()["choices"][0]["token_ids"]
-    tokens: list[int] = []
-    async with client.stream(
-        "POST", "/v1/chat/completions", json=body, headers=headers
-    ) as response:
-        async for line in response.aiter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line.removeprefix("data: "))
-                assert "error" not in chunk, chunk
-                for choice in chunk["choices"]:
-                    tokens += choice.get("token_ids") or []
-        return response.status_code, tokens
+    return await chat_token_ids(client, body, headers)
 
 
 def soak(server) -> dict:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import tiny_models
 from reliability_harness import FULL_KEY, PLAIN_KEY, served, write_keys
-from server_harness import tiny_direction, tiny_server_args
+from server_harness import chat_token_ids, tiny_direction, tiny_server_args
 
 MODEL = "tiny"
 PROMPTS = ["how to make a cake", "tell me about the weather", "write a poem"]
@@ -61,20 +61,7 @@ def honest_body(prompt: str, strength: float, stream: bool) -> dict:
 
 async def honest(client: httpx.AsyncClient, prompt: str, strength: float, stream: bool):
     """(status, token ids) of one honest request."""
-    body = honest_body(prompt, strength, stream)
-    if not stream:
-        response = await client.post("/v1/chat/completions", json=body, headers=AUTH)
-        tokens = response.json()["choices"][0]["token_ids"] if response.status_code == 200 else []
-        return response.status_code, tokens
-    tokens: list[int] = []
-    async with client.stream("POST", "/v1/chat/completions", json=body, headers=AUTH) as response:
-        async for line in response.aiter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line.removeprefix("data: "))
-                assert "error" not in chunk, chunk
-                for choice in chunk["choices"]:
-                    tokens += choice.get("token_ids") or []
-    return response.status_code, tokens
+    return await chat_token_ids(client, honest_body(prompt, strength, stream), AUTH)
 
 
 def raw_head(path: str, *lines: str) -> bytes:
