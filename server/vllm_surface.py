@@ -38,7 +38,13 @@ from abliserve.server.engines.vllm_routing import EXTRA_ARGS_KEY, ablation_extra
 from abliserve.server.errors import ApiError, bad_request
 from abliserve.server.metrics import ServerMetrics, ablation_label
 from abliserve.server.policy import APPLIED_HEADER, applied_json, describe_applied
-from abliserve.server.protocol import MAX_CHOICES, MAX_N, MAX_TOP_LOGPROBS, AblationBody
+from abliserve.server.protocol import (
+    MAX_CHOICES,
+    MAX_N,
+    MAX_TOP_LOGPROBS,
+    AblationBody,
+    check_stop,
+)
 from abliserve.server.request_intake import (
     api_state,
     read_json,
@@ -101,12 +107,16 @@ def split_ablation(data: Any) -> tuple[dict, AblationBody | None]:
 
 def check_bounds(body: BaseModel, choices: int) -> None:
     """The per-request caps ``vllm serve`` would apply with its default ``max_logprobs`` (20),
-    and abliserve's cap on choices per request."""
+    and abliserve's caps on stop strings and on choices per request."""
     for name in LOGPROB_FIELDS:
         value = getattr(body, name, None)
         counted = isinstance(value, int) and not isinstance(value, bool)  # chat's logprobs: bool
         if counted and not 0 <= value <= MAX_TOP_LOGPROBS:
             raise bad_request(f"{name} must lie in [0, {MAX_TOP_LOGPROBS}]", name)
+    try:  # the transformers engine's stop-list bounds: vLLM searches every stop string per token
+        check_stop(getattr(body, "stop", None))
+    except ValueError as error:
+        raise bad_request(str(error), "stop") from None
     n = getattr(body, "n", 1) or 1
     if not 1 <= n <= MAX_N:
         raise bad_request(f"n must lie in [1, {MAX_N}]", "n")

@@ -30,6 +30,8 @@ from vllm_battery import (
     vllm_serve,
 )
 
+from abliserve.server.protocol import MAX_STOP_STRINGS
+
 pytest.importorskip("vllm")
 
 pytestmark = [pytest.mark.vllm, pytest.mark.real_model]
@@ -141,3 +143,15 @@ def test_fields_vllm_does_not_know_are_refused_by_name(clients) -> None:
         response = client.post(path, json={**bodies[path], name: None})
         assert response.status_code == 400, (path, name, response.text)
         assert response.json()["error"]["param"] == name
+
+
+def test_stop_lists_are_bounded_on_the_vllm_path_too(clients) -> None:
+    """A long stop list costs vLLM a search per stop string per token, as it did the
+    transformers engine: both refuse more than the documented bounds."""
+    _, client = clients
+    body = {**BATTERY["logprobs"][1], "stop": [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "stop"
+    within = client.post("/v1/chat/completions", json={**body, "stop": ["s0", "s1"]})
+    assert within.status_code == 200, within.text
