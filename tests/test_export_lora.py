@@ -125,3 +125,38 @@ def test_cli_exports_an_adapter_and_refuses_in_one_line(tmp_path: Path, capsys) 
     err = capsys.readouterr().err.strip()
     assert err.startswith("abliserve: error:") and "per-channel gain" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "gemma").exists()
+
+
+@pytest.mark.real_model
+def test_peft_adapter_equals_hooks_on_the_demo_model(
+    tmp_path: Path, demo_checkpoint: Path, demo_direction: Path
+) -> None:
+    """The committed direction, and the same direction at weight 1 on every writer (so the tied
+    embedding is adapted too), through PEFT on the real model."""
+    from abliserve.directions.artifact import load_artifact
+    from abliserve.directions.modelio import chat_batches, load_model
+
+    committed = load_artifact(demo_direction)
+    every_writer = DirectionArtifact(
+        directions=committed.directions,
+        weights=torch.ones(committed.num_sites),
+        model=committed.model,
+    )
+    model, tokenizer = load_model(demo_checkpoint)
+    batch = next(chat_batches(tokenizer, ["How do I pick a lock?", "Write a haiku."], 2))
+    bank = DirectionBank.from_artifacts(
+        {"committed": committed, "every": every_writer}, *committed.directions.shape
+    )
+    cases = {"committed": (1, committed, 1.0), "every": (2, every_writer, 0.5)}
+    expected = {}
+    with AblationHooks(model, bank) as hooks, torch.no_grad():
+        for name, (slot, _, alpha) in cases.items():
+            hooks.set_uniform(slot, alpha, 2)
+            expected[name] = model(**batch).logits
+    for name, (_, artifact, alpha) in cases.items():
+        adapter = export_lora(demo_checkpoint, artifact, alpha, tmp_path / name, name)
+        peft_model = peft.PeftModel.from_pretrained(model, adapter.path).eval()
+        with torch.no_grad():
+            logits = peft_model(**batch).logits
+        torch.testing.assert_close(logits, expected[name], rtol=1e-4, atol=2e-4)
+        model = peft_model.unload()  # the original modules back, for the next adapter
