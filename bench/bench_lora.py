@@ -6,9 +6,9 @@ in one run.
 Engines (the demo model, float32, eager, prefix caching off, one engine alive at a time):
 
   plain    plain vLLM, plugin not loaded: baseline requests
-  lora     plain vLLM with LoRA enabled (max rank 1), serving ``abliserve export --format lora``
-           at alpha 1: the adapter on every request, baseline on every request, and the two
-           interleaved 50/50 in one stream
+  lora     plain vLLM with LoRA enabled (max rank 1, 2 slots), serving
+           ``abliserve export --format lora`` at alpha 1: the adapter on every request,
+           baseline on every request, and the two interleaved 50/50 in one stream
   plugin   abliserve's plugin: alpha 1 on every request, and alpha 1 / baseline interleaved
 
 Each configuration submits all prompts at once (``LLM.generate``: one stream, shared continuous
@@ -71,7 +71,10 @@ def offline_vllm(
         "seed": 0,
     }
     if lora:
-        options.update(enable_lora=True, max_lora_rank=1, max_loras=1)
+        # One LoRA slot more than adapters: vLLM 0.32's CPU LoRA ops read a no-LoRA row's slot
+        # index -1 as "the last slot", so with max_loras=1 baseline requests batched beside
+        # adapter requests silently get the adapter too; an always-empty last slot adds zero.
+        options.update(enable_lora=True, max_lora_rank=1, max_loras=2)
     plugins = {"VLLM_PLUGINS": "none"}
     if artifact is not None:
         force_v1_runner()
