@@ -172,8 +172,9 @@ def main() -> None:
     prompts = chat_token_ids(AutoTokenizer.from_pretrained(checkpoint), load_prompts(args.prompts))
     baseline = [Job(p) for p in prompts]
     with tempfile.TemporaryDirectory() as folder:
-        adapter = export_lora(checkpoint, artifact, 1.0, Path(folder) / "adapter", "refusal")
-        lora_jobs = [Job(p, adapter=adapter_request(adapter.path)) for p in prompts]
+        adapter = Path(folder) / "adapter"
+        export_lora(checkpoint, artifact, 1.0, adapter, "refusal")
+        lora_jobs = [Job(p, adapter=adapter_request(adapter)) for p in prompts]
         plugin_jobs = [Job(p, extra_args=plugin_args(1.0)) for p in prompts]
         results: dict[str, Measured] = {}
         with offline_vllm(checkpoint) as llm:

@@ -325,8 +325,8 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
             "untied. The result is a plain safetensors checkpoint with config and tokenizer "
             "that loads in transformers and vLLM like any other. --format lora writes the same "
             "update as a rank-1 PEFT LoRA adapter per writer (exact; lora_alpha = strength), "
-            "for engines with per-request LoRA; models with biases on the writers or norms "
-            "after them are refused."
+            "for engines with per-request LoRA; --format lora-gguf writes it as one llama.cpp "
+            "LoRA GGUF file. Models with biases on the writers or norms after them are refused."
         ),
     )
     export.add_argument("--model", required=True)
@@ -338,8 +338,8 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
         "--no-embedding",
         dest="include_embedding",
         action="store_false",
-        help="lora: leave the embedding writer out (for engines that cannot load an embedding "
-        "LoRA, e.g. vLLM 0.32 on Qwen2); no longer exact if the direction weights it",
+        help="lora formats: leave the embedding writer out (for engines that cannot load an "
+        "embedding LoRA, e.g. vLLM 0.32 on Qwen2); no longer exact if the direction weights it",
     )
     export.set_defaults(handler=_export)
 
@@ -356,17 +356,18 @@ def _export(args: argparse.Namespace) -> int:
     if not math.isfinite(args.strength):
         raise DirectionError(f"--strength must be a finite number, got {args.strength}")
     if args.out.exists():
-        raise DirectionError(f"--out {args.out} already exists; choose a new folder")
+        raise DirectionError(f"--out {args.out} already exists; choose a new name")
     if args.format == "checkpoint" and not args.include_embedding:
-        raise DirectionError("--no-embedding applies to --format lora only")
+        raise DirectionError("--no-embedding applies to the lora formats only")
     artifact = load_artifact(args.direction)
     checkpoint = resolve_model(args.model)
     name = str(args.direction)
     if args.format == "checkpoint":
         export_checkpoint(checkpoint, artifact, args.strength, args.out, name)
     else:
+        gguf = args.format == "lora-gguf"
         adapter = export_lora(
-            checkpoint, artifact, args.strength, args.out, name, args.include_embedding
+            checkpoint, artifact, args.strength, args.out, name, args.include_embedding, gguf
         )
         if adapter.omitted_embedding_weight:
             print(

@@ -66,12 +66,18 @@ def adapter_refusal(model_type: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class LoraExport:
-    """What was written: the adapter folder, its target modules, and a writer left out."""
+class Adapter:
+    """The ablation adapter of one checkpoint, before it is written in some file format.
 
-    path: Path
-    target_modules: list[str]
-    omitted_embedding_weight: float = 0.0
+    tensors: PEFT state dict (float32), strength excluded; targets: adapted module names;
+    omitted_embedding_weight: site weight of an embedding writer left out (0 if none).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    targets: list[str]
+    omitted_embedding_weight: float
+    model_type: str
+    num_layers: int
 
 
 @torch.no_grad()
@@ -119,6 +125,23 @@ def adapter_tensors(
     return tensors, targets, omitted
 
 
+def build_adapter(
+    checkpoint: Path, artifact: DirectionArtifact, artifact_name: str, include_embedding: bool
+) -> Adapter:
+    """Check the artifact fits and the architecture can be adapted, then build the adapter."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    artifact.check_fits(checkpoint_identity(checkpoint), artifact_name)
+    config = AutoConfig.from_pretrained(checkpoint)
+    if (reason := adapter_refusal(config.model_type)) is not None:
+        raise DirectionError(f"cannot export a LoRA adapter: {reason}")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto").eval()
+    tensors, targets, omitted = adapter_tensors(
+        model, artifact.directions, artifact.weights, include_embedding
+    )
+    return Adapter(tensors, targets, omitted, config.model_type, config.num_hidden_layers)
+
+
 def adapter_config(base_model: str, alpha: float, targets: list[str]) -> dict:
     """PEFT ``adapter_config.json``: rank 1 and ``lora_alpha = alpha`` make the scaling alpha."""
     return {
@@ -139,6 +162,17 @@ def adapter_config(base_model: str, alpha: float, targets: list[str]) -> dict:
     }
 
 
+def write_peft(adapter: Adapter, base_model: str, alpha: float, folder: Path, note: str) -> None:
+    """``adapter_config.json`` and ``adapter_model.safetensors`` in ``folder``."""
+    config = adapter_config(base_model, alpha, adapter.targets)
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    save_file(
+        adapter.tensors,
+        folder / "adapter_model.safetensors",
+        metadata={"format": "pt", "abliserve": note},
+    )
+
+
 def export_lora(
     checkpoint: Path,
     artifact: DirectionArtifact,
@@ -146,33 +180,31 @@ def export_lora(
     out: Path,
     artifact_name: str,
     include_embedding: bool = True,
-) -> LoraExport:
-    """Write the ablation at ``alpha`` as a PEFT adapter folder for ``checkpoint``.
+    gguf: bool = False,
+) -> Adapter:
+    """Write the ablation at ``alpha`` as a PEFT adapter folder for ``checkpoint`` (or, with
+    ``gguf``, one llama.cpp LoRA GGUF file).
 
-    Built in a temporary sibling folder and renamed into place, so ``out`` is either complete
-    or absent.
+    Built in a temporary sibling and renamed into place, so ``out`` is complete or absent.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from abliserve.directions.lora_gguf import check_gguf_strength, write_gguf
 
     if out.exists():
-        raise DirectionError(f"--out {out} already exists; choose a new folder")
-    artifact.check_fits(checkpoint_identity(checkpoint), artifact_name)
-    model_type = AutoConfig.from_pretrained(checkpoint).model_type
-    if (reason := adapter_refusal(model_type)) is not None:
-        raise DirectionError(f"cannot export a LoRA adapter: {reason}")
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto").eval()
-    tensors, targets, omitted = adapter_tensors(
-        model, artifact.directions, artifact.weights, include_embedding
-    )
+        raise DirectionError(f"--out {out} already exists; choose a new name")
+    if gguf:
+        check_gguf_strength(alpha)
+    adapter = build_adapter(checkpoint, artifact, artifact_name, include_embedding)
+    note = f"{artifact_name} at strength {alpha:g}"
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        config = adapter_config(str(checkpoint), alpha, targets)
-        (staging / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
-        provenance = {"format": "pt", "abliserve": f"{artifact_name} at strength {alpha:g}"}
-        save_file(tensors, staging / "adapter_model.safetensors", metadata=provenance)
-        os.replace(staging, out)
+        if gguf:
+            write_gguf(adapter, alpha, staging / out.name)
+            os.replace(staging / out.name, out)
+        else:
+            write_peft(adapter, str(checkpoint), alpha, staging, note)
+            os.replace(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    return LoraExport(out, targets, omitted)
+    return adapter

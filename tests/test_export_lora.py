@@ -65,12 +65,14 @@ def test_peft_adapter_equals_hooks(tmp_path: Path, variant: str, alpha: float) -
     artifact = artifact_for(source)
     adapter = export_lora(source, artifact, alpha, tmp_path / "adapter", "d")
 
-    config = json.loads((adapter.path / "adapter_config.json").read_text())
+    config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (1, alpha)
-    assert len(adapter.target_modules) == len(artifact.weights) - 1  # the zero-weight site
-    assert "model.embed_tokens" in adapter.target_modules
+    assert len(adapter.targets) == len(artifact.weights) - 1  # the zero-weight site
+    assert "model.embed_tokens" in config["target_modules"]
     hooked = hooked_logits(source, artifact, alpha)
-    torch.testing.assert_close(peft_logits(source, adapter.path), hooked, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        peft_logits(source, tmp_path / "adapter"), hooked, rtol=1e-4, atol=1e-5
+    )
     # The check can fail: the ablation moves the logits far beyond the tolerance.
     assert not torch.allclose(hooked, hooked_logits(source, artifact, 0.0), atol=1e-2)
 
@@ -80,11 +82,11 @@ def test_adapter_without_embedding_equals_hooks_without_it(tmp_path: Path) -> No
     artifact = artifact_for(source, embedding_weight=0.8)
     adapter = export_lora(source, artifact, 1.0, tmp_path / "adapter", "d", False)
     assert adapter.omitted_embedding_weight == pytest.approx(0.8)
-    assert "model.embed_tokens" not in adapter.target_modules
+    assert "model.embed_tokens" not in adapter.targets
 
     without = artifact_for(source, embedding_weight=0.0)
     torch.testing.assert_close(
-        peft_logits(source, adapter.path),
+        peft_logits(source, tmp_path / "adapter"),
         hooked_logits(source, without, 1.0),
         rtol=1e-4,
         atol=1e-5,
@@ -154,8 +156,8 @@ def test_peft_adapter_equals_hooks_on_the_demo_model(
             hooks.set_uniform(slot, alpha, 2)
             expected[name] = model(**batch).logits
     for name, (_, artifact, alpha) in cases.items():
-        adapter = export_lora(demo_checkpoint, artifact, alpha, tmp_path / name, name)
-        peft_model = peft.PeftModel.from_pretrained(model, adapter.path).eval()
+        export_lora(demo_checkpoint, artifact, alpha, tmp_path / name, name)
+        peft_model = peft.PeftModel.from_pretrained(model, tmp_path / name).eval()
         with torch.no_grad():
             logits = peft_model(**batch).logits
         torch.testing.assert_close(logits, expected[name], rtol=1e-4, atol=2e-4)

@@ -37,9 +37,8 @@ PROMPTS = 32
 def runs(demo_checkpoint: Path, demo_direction: Path, tmp_path_factory) -> dict:
     """Token ids of every run, computed once: the engines are the expensive part."""
     artifact = load_artifact(demo_direction)
-    adapter = export_lora(
-        demo_checkpoint, artifact, ALPHA, tmp_path_factory.mktemp("lora") / "ablated", "refusal"
-    )
+    adapter = tmp_path_factory.mktemp("lora") / "ablated"
+    export_lora(demo_checkpoint, artifact, ALPHA, adapter, "refusal")
     tokenizer = AutoTokenizer.from_pretrained(demo_checkpoint)
     prompts = chat_token_ids(tokenizer, load_prompts(PROMPTS))
     runs: dict = {}
@@ -54,7 +53,7 @@ def runs(demo_checkpoint: Path, demo_direction: Path, tmp_path_factory) -> dict:
     finally:
         loop.close()
     baseline = [Job(p) for p in prompts]
-    ablated = [Job(p, adapter=adapter_request(adapter.path)) for p in prompts]
+    ablated = [Job(p, adapter=adapter_request(adapter)) for p in prompts]
     with offline_vllm(demo_checkpoint, lora=True, prefix_caching=True) as llm:
         stream, _ = greedy(llm, interleave(ablated, baseline), TOKENS)
     runs["adapter"], runs["lora-baseline"] = stream[0::2], stream[1::2]
