@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import checkpoint, random_directions
@@ -162,3 +163,34 @@ def test_peft_adapter_equals_hooks_on_the_demo_model(
             logits = peft_model(**batch).logits
         torch.testing.assert_close(logits, expected[name], rtol=1e-4, atol=2e-4)
         model = peft_model.unload()  # the original modules back, for the next adapter
+
+
+def test_gguf_adapter_holds_the_same_factors_under_llama_cpp_names(tmp_path: Path) -> None:
+    import gguf
+
+    source = checkpoint(tmp_path / "source", "qwen2")
+    artifact = artifact_for(source)
+    export_lora(source, artifact, 1.0, tmp_path / "peft", "d")
+    export_lora(source, artifact, 1.0, tmp_path / "a.gguf", "d", gguf=True)
+    reader = gguf.GGUFReader(tmp_path / "a.gguf")
+    fields = {name: reader.fields[name].contents() for name in reader.fields}
+    assert (fields["general.type"], fields["adapter.type"]) == ("adapter", "lora")
+    assert (fields["general.architecture"], fields["adapter.lora.alpha"]) == ("qwen2", 1.0)
+    tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors}
+    from safetensors.torch import load_file
+
+    peft_tensors = load_file(tmp_path / "peft/adapter_model.safetensors")
+    prefix = "base_model.model.model."
+    pairs = {
+        "blk.0.attn_output.weight.lora_a": "layers.0.self_attn.o_proj.lora_A.weight",
+        "blk.2.ffn_down.weight.lora_b": "layers.2.mlp.down_proj.lora_B.weight",
+        "token_embd.weight.lora_b": "embed_tokens.lora_embedding_B",
+    }
+    for gguf_name, peft_name in pairs.items():
+        assert torch.equal(tensors[gguf_name], peft_tensors[prefix + peft_name])
+    embedding_a = peft_tensors[prefix + "embed_tokens.lora_embedding_A"]
+    assert torch.equal(tensors["token_embd.weight.lora_a"], embedding_a.T)  # llama.cpp's layout
+    assert len(tensors) == 2 * (len(artifact.weights) - 1)
+
+    with pytest.raises(DirectionError, match="lora_alpha 0"):
+        export_lora(source, artifact, 0.0, tmp_path / "zero.gguf", "d", gguf=True)
