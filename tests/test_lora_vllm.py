@@ -3,7 +3,9 @@ engine at the same strength, token for token, with baseline requests interleaved
 stream equal to plain vLLM (demo model, 32 prompts, greedy).
 
 Three engines start one after another (abliserve's, plain vLLM with LoRA, plain vLLM); the
-plain ones never load abliserve's plugin (``VLLM_PLUGINS=none``).
+plain ones never load abliserve's plugin (``VLLM_PLUGINS=none``). The LoRA engine keeps one empty
+LoRA slot (``bench_lora.offline_vllm``): without it vLLM 0.32's CPU LoRA ops apply the adapter
+to the baseline requests too, and the second test fails.
 """
 
 from __future__ import annotations
