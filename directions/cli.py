@@ -332,14 +332,20 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--model", required=True)
     export.add_argument("--direction", required=True, type=Path)
     export.add_argument("--strength", type=float, default=1.0)
-    export.add_argument("--out", required=True, type=Path, help="new checkpoint or adapter folder")
-    export.add_argument("--format", choices=("checkpoint", "lora"), default="checkpoint")
     export.add_argument(
-        "--no-embedding",
+        "--out", required=True, type=Path, help="new checkpoint or adapter folder, or .gguf file"
+    )
+    export.add_argument(
+        "--format", choices=("checkpoint", "lora", "lora-gguf"), default="checkpoint"
+    )
+    export.add_argument(
+        "--embedding",
         dest="include_embedding",
-        action="store_false",
-        help="lora formats: leave the embedding writer out (for engines that cannot load an "
-        "embedding LoRA, e.g. vLLM 0.32 on Qwen2); no longer exact if the direction weights it",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="lora formats: adapt the embedding writer; --no-embedding leaves it out, for "
+        "engines that cannot load an embedding LoRA (e.g. vLLM 0.32 on Qwen2), and is then "
+        "not exact if the direction weights the embedding",
     )
     export.set_defaults(handler=_export)
 
