@@ -122,6 +122,7 @@ def test_cli_exports_an_adapter_and_refuses_in_one_line(tmp_path: Path, capsys) 
     assert "left out the embedding writer" in capsys.readouterr().err
     gguf_argv = [*argv[:-1], "lora-gguf", "--out", str(tmp_path / "a.gguf")]
     assert main(gguf_argv) == 0 and (tmp_path / "a.gguf").is_file()
+    capsys.readouterr()
 
     config_path = source / "config.json"
     config = json.loads(config_path.read_text())
