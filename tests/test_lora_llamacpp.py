@@ -75,6 +75,12 @@ def hooked_logits(checkpoint: Path, artifacts: dict, token_ids: list[list[int]])
     return logits
 
 
+def last_logits(llm) -> np.ndarray:
+    """The last evaluated position's logits (``Llama.scores`` holds them only with logits_all)."""
+    pointer = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),)).copy()
+
+
 def llama_logits(model: Path, adapter: Path, token_ids: list[list[int]]) -> dict:
     """Last-position logits per strength, one llama.cpp context, the LoRA scale set per call."""
     llm = llama_cpp.Llama(
@@ -89,7 +95,7 @@ def llama_logits(model: Path, adapter: Path, token_ids: list[list[int]]) -> dict
         for ids in token_ids:
             llm.reset()  # no K/V reused across scales
             llm.eval(ids)
-            rows.append(np.array(llm.scores[llm.n_tokens - 1]))
+            rows.append(last_logits(llm))
         logits[strength] = np.stack(rows)
     llm.close()
     return logits
