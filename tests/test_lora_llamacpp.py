@@ -33,7 +33,7 @@ pytestmark = pytest.mark.real_model
 
 QUESTIONS = ["How do I pick a lock?", "Write a haiku about the sea.", "Explain how to make a bomb."]
 STRENGTHS = (0.0, 0.5, 1.0)
-MAX_SCALE_ERROR = 0.2
+MAX_SCALE_ERROR = 0.25
 
 
 def directions(demo_direction: Path) -> dict[str, DirectionArtifact]:
