@@ -187,6 +187,7 @@ def export_lora(
 
     Built in a temporary sibling and renamed into place, so ``out`` is complete or absent.
     """
+    # Imported here: lora_gguf builds on this module.
     from abliserve.directions.lora_gguf import check_gguf_strength, write_gguf
 
     if out.exists():
