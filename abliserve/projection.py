@@ -72,9 +72,25 @@ def orthogonalise_output_weight(
 
     weight: [hidden_out, in] (nn.Linear layout); returns ``(I - alpha r r^T) W`` in the input dtype.
     """
+    down, up = rank_one_ablation(weight, direction)
+    return (weight.to(torch.float64) + alpha * (up @ down)).to(weight.dtype)
+
+
+def rank_one_ablation(
+    weight: torch.Tensor, direction: torch.Tensor, outputs_on_rows: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ablation of a writer as a rank-1 update: factors ``(down, up)`` in float64.
+
+    Linear writer W [out, in] (``out = W x``): ``(I - alpha r r^T) W = W + alpha * up @ down``
+    with ``down = r^T W`` [1, in] and ``up = -r`` [out, 1]. Embedding E [vocab, hidden]
+    (``outputs_on_rows``): ``E (I - alpha r r^T) = E + alpha * down^T @ up^T`` with
+    ``down = (E r)^T`` [1, vocab]. These are a LoRA adapter's A and B at scaling alpha, which is
+    why a rank-1 adapter per writer is the ablation exactly, not an approximation of it.
+    """
     w = weight.to(torch.float64)
     r = direction.to(torch.float64)
-    return (w - alpha * torch.outer(r, r @ w)).to(weight.dtype)
+    down = (w @ r if outputs_on_rows else r @ w).unsqueeze(0)
+    return down, -r.unsqueeze(1)
 
 
 def orthogonalise_embedding(

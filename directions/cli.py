@@ -319,35 +319,69 @@ def _print_conditions(conditions: list, harmful_count: int, harmless_count: int)
 def _register_export(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
         "export",
-        help="write an orthogonalised (ablation baked in) copy of a checkpoint",
+        help="write the ablation as an orthogonalised checkpoint or a LoRA adapter",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description=(
             "Bake directional ablation at --strength into the weights: W <- (I - a w r r^T) W "
             "for the embedding and every o_proj/down_proj (biases too). A tied lm_head is "
             "untied. The result is a plain safetensors checkpoint with config and tokenizer "
-            "that loads in transformers and vLLM like any other."
+            "that loads in transformers and vLLM like any other. --format lora writes the same "
+            "update as a rank-1 PEFT LoRA adapter per writer (exact; lora_alpha = strength), "
+            "for engines with per-request LoRA; --format lora-gguf writes it as one llama.cpp "
+            "LoRA GGUF file. Models with biases on the writers or norms after them are refused."
         ),
     )
     export.add_argument("--model", required=True)
     export.add_argument("--direction", required=True, type=Path)
     export.add_argument("--strength", type=float, default=1.0)
-    export.add_argument("--out", required=True, type=Path, help="new checkpoint folder")
+    export.add_argument(
+        "--out", required=True, type=Path, help="new checkpoint or adapter folder, or .gguf file"
+    )
+    export.add_argument(
+        "--format", choices=("checkpoint", "lora", "lora-gguf"), default="checkpoint"
+    )
+    export.add_argument(
+        "--embedding",
+        dest="include_embedding",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="lora formats: adapt the embedding writer; --no-embedding leaves it out, for "
+        "engines that cannot load an embedding LoRA (e.g. vLLM 0.32 on Qwen2), and is then "
+        "not exact if the direction weights the embedding",
+    )
     export.set_defaults(handler=_export)
 
 
 def _export(args: argparse.Namespace) -> int:
     import math
+    import sys
 
     from abliserve.directions.artifact import load_artifact
     from abliserve.directions.export import export_checkpoint
+    from abliserve.directions.lora import export_lora
     from abliserve.models import resolve_model
 
     if not math.isfinite(args.strength):
         raise DirectionError(f"--strength must be a finite number, got {args.strength}")
     if args.out.exists():
-        raise DirectionError(f"--out {args.out} already exists; choose a new folder")
+        raise DirectionError(f"--out {args.out} already exists; choose a new name")
+    if args.format == "checkpoint" and not args.include_embedding:
+        raise DirectionError("--no-embedding applies to the lora formats only")
     artifact = load_artifact(args.direction)
     checkpoint = resolve_model(args.model)
-    export_checkpoint(checkpoint, artifact, args.strength, args.out, str(args.direction))
+    name = str(args.direction)
+    if args.format == "checkpoint":
+        export_checkpoint(checkpoint, artifact, args.strength, args.out, name)
+    else:
+        gguf = args.format == "lora-gguf"
+        adapter = export_lora(
+            checkpoint, artifact, args.strength, args.out, name, args.include_embedding, gguf
+        )
+        if adapter.omitted_embedding_weight:
+            print(
+                f"abliserve: warning: left out the embedding writer (site weight "
+                f"{adapter.omitted_embedding_weight:g}); the adapter is not the exact ablation",
+                file=sys.stderr,
+            )
     print(args.out)
     return 0
