@@ -32,8 +32,8 @@ from safetensors.torch import save_file
 
 from abliserve.directions.artifact import DirectionArtifact
 from abliserve.directions.errors import DirectionError
+from abliserve.directions.identity import checkpoint_identity
 from abliserve.hooks import writer_modules
-from abliserve.models import checkpoint_identity
 from abliserve.projection import rank_one_ablation
 
 # Architectures whose residual-stream writers are exactly embed_tokens, o_proj and down_proj, with

@@ -16,9 +16,9 @@ from abliserve.bank import DirectionBank
 from abliserve.cli import main
 from abliserve.directions.artifact import DirectionArtifact
 from abliserve.directions.errors import DirectionError
+from abliserve.directions.identity import checkpoint_identity
 from abliserve.directions.lora import adapter_refusal, export_lora
 from abliserve.hooks import AblationHooks
-from abliserve.models import checkpoint_identity
 from abliserve.projection import site_names
 
 peft = pytest.importorskip("peft")

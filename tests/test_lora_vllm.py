@@ -17,8 +17,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from abliserve.directions.artifact import load_artifact
+from abliserve.directions.identity import checkpoint_identity
 from abliserve.directions.lora import export_lora
-from abliserve.models import checkpoint_identity
 from abliserve.server.engines.base import AblationSpec
 
 pytest.importorskip("vllm")
