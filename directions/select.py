@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from abliserve.architectures import residual_layers
 from abliserve.bank import DirectionBank
 from abliserve.directions.modelio import (
     chat_batches,
@@ -27,7 +28,7 @@ from abliserve.directions.modelio import (
     kl_divergence,
     refusal_scores,
 )
-from abliserve.hooks import AblationHooks, decoder_of
+from abliserve.hooks import AblationHooks
 from abliserve.projection import site_names
 
 
@@ -136,8 +137,7 @@ class Scorer:
 
     def induced(self, vector: torch.Tensor, layer: int) -> float:
         """Refusal on harmless prompts with ``vector`` added to the stream entering ``layer``."""
-        decoder = decoder_of(self.model)
-        module = decoder.layers[layer] if layer < len(decoder.layers) else decoder.norm
+        module = residual_layers(self.model)[layer]
 
         def add(module: nn.Module, args: tuple, kwargs: dict):
             if args:
