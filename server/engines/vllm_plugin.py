@@ -12,7 +12,8 @@ model runner (the runner vLLM 0.32-0.33 uses on CPU, and that the abliserve engi
   reading per-token strengths and bank slots from persistent buffers. The writer's own output
   is projected, never the residual stream: in Qwen2/Llama the ``down_proj`` output is fused
   with the residual add inside the next RMSNorm, and projecting the stream would compound
-  (DESIGN.md §1). Post-norm writers are called without a residual in vLLM (Gemma 2/3), so their output is the writer's.
+  (DESIGN.md §1). vLLM calls post-norm writers (Gemma 2/3) without a residual, so their
+  output is exactly what is written.
 * ``_prepare_inputs``: before every forward, the buffers are refilled from each request's
   ``SamplingParams.extra_args`` in ``input_batch.req_ids`` order
   (:mod:`abliserve.server.engines.vllm_routing`), where vLLM's LoRA sets its token mapping.
