@@ -83,7 +83,7 @@ def test_mixed_batch_rows_equal_solo_runs(name):
     mixed = _logits(model, ids, slots, strengths)
     for row in range(3):
         solo = _logits(model, ids[row : row + 1], [slots[row]], [strengths[row]])
-        torch.testing.assert_close(mixed[row], solo[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed[row], solo[0], atol=1e-4, rtol=1e-4)  # MoE sums
 
 
 @pytest.mark.parametrize("name", [n for n in ARCHITECTURES if n not in POST_NORM])

@@ -117,9 +117,9 @@ _DECODER = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 64,  # the smallest head vLLM's CPU attention kernels take
     "max_position_embeddings": 128,
     "pad_token_id": 1,
     "eos_token_id": 2,
@@ -156,7 +156,7 @@ def architecture_config(name: str):
             vocab_size=_DECODER["vocab_size"],
             n_embd=64,
             n_layer=2,
-            n_head=4,
+            n_head=1,
             n_positions=128,
             bos_token_id=3,
             eos_token_id=2,
@@ -167,6 +167,7 @@ def architecture_config(name: str):
     if name == "gpt_neox":
         fields.pop("head_dim")
         fields.pop("num_key_value_heads")
+        fields["num_attention_heads"] = 1
     return config_class(**fields, **extra)
 
 
