@@ -27,8 +27,11 @@ wrong is refused, never served silently. Operators can name writers themselves
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -119,6 +122,17 @@ class WriterSpec:
         return f"embed={'+'.join(self.embed)},attn={self.attn},mlp={self.mlp}"
 
 
+def add_writers_flag(parser: argparse.ArgumentParser) -> None:
+    """``--writers``, shared by ``serve`` and the ``directions`` commands."""
+    parser.add_argument(
+        "--writers",
+        type=WriterSpec.parse,
+        metavar="embed=PATH[+PATH],attn=PATH,mlp=PATH",
+        help="residual-stream writer modules (paths from the model root, {i} = layer) for an "
+        "architecture abliserve does not know; checked at start",
+    )
+
+
 def check_supported(architectures: Sequence[str], spec: WriterSpec | None) -> None:
     """Refuse, in one line, a checkpoint whose architecture the rule is not checked on, unless
     the operator named its writers."""
@@ -129,6 +143,12 @@ def check_supported(architectures: Sequence[str], spec: WriterSpec | None) -> No
         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}); name its residual-stream writers "
         "with --writers embed=PATH,attn=PATH{i},mlp=PATH{i}"
     )
+
+
+def check_checkpoint(checkpoint: Path, spec: WriterSpec | None) -> None:
+    """:func:`check_supported` for a checkpoint folder (its config.json ``architectures``)."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    check_supported(config.get("architectures") or [], spec)
 
 
 def writer_layout(model: nn.Module, spec: WriterSpec | None = None) -> WriterLayout:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from abliserve.architectures import add_writers_flag
 from abliserve.directions.errors import DirectionError
 
 
@@ -129,6 +130,7 @@ def _register_compute(sub: argparse._SubParsersAction) -> None:
     compute.add_argument(
         "--activations-cache", type=Path, help="reuse/store extraction activations in this file"
     )
+    add_writers_flag(compute)
     compute.set_defaults(handler=_compute)
 
 
@@ -168,6 +170,7 @@ def _compute(args: argparse.Namespace) -> int:
             refusal_words=words,
             batch_size=args.batch_size,
             activations_cache=args.activations_cache,
+            writers=args.writers,
         )
     )
     return 0
@@ -236,6 +239,7 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--batch-size", type=int, default=25)
     evaluate.add_argument("--json", type=Path, help="also write numbers and completions here")
+    add_writers_flag(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
 
@@ -265,8 +269,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     harmful = load_instructions(args.harmful)[: args.harmful_count]
     harmless = load_instructions(args.harmless)[: args.harmless_count]
 
-    model, tokenizer = load_model(checkpoint)
-    evaluator = Evaluator(model, tokenizer, harmful, harmless, args.batch_size, args.max_new_tokens)
+    model, tokenizer = load_model(checkpoint, writers=args.writers)
+    evaluator = Evaluator(
+        model, tokenizer, harmful, harmless, args.batch_size, args.max_new_tokens, args.writers
+    )
     first = next(iter(artifacts))  # strength 0 is the same model whichever direction
     plan = [(artifacts[first], "baseline", 0.0)]
     plan += [(a, name, s) for name, a in artifacts.items() for s in args.strengths if s != 0]
@@ -330,6 +336,7 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--direction", required=True, type=Path)
     export.add_argument("--strength", type=float, default=1.0)
     export.add_argument("--out", required=True, type=Path, help="new checkpoint folder")
+    add_writers_flag(export)
     export.set_defaults(handler=_export)
 
 
@@ -346,6 +353,8 @@ def _export(args: argparse.Namespace) -> int:
         raise DirectionError(f"--out {args.out} already exists; choose a new folder")
     artifact = load_artifact(args.direction)
     checkpoint = resolve_model(args.model)
-    export_checkpoint(checkpoint, artifact, args.strength, args.out, str(args.direction))
+    export_checkpoint(
+        checkpoint, artifact, args.strength, args.out, str(args.direction), args.writers
+    )
     print(args.out)
     return 0

@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from abliserve.architectures import OUTPUT_PROJECTIONS, WriterSite, WriterSpec, writer_layout
+from abliserve.architectures import (
+    OUTPUT_PROJECTIONS,
+    WriterSite,
+    WriterSpec,
+    check_checkpoint,
+    writer_layout,
+)
 from abliserve.directions.artifact import DirectionArtifact
 from abliserve.directions.errors import DirectionError
 from abliserve.models import SOURCE_FILE, checkpoint_identity, model_display_id
@@ -146,6 +152,7 @@ def export_checkpoint(
         raise DirectionError(f"--out {out} already exists; choose a new folder")
     identity = checkpoint_identity(checkpoint)
     artifact.check_fits(identity, artifact_name)
+    check_checkpoint(checkpoint, writers)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto").eval()
     approximate = orthogonalise_model(model, artifact.directions, artifact.weights, alpha, writers)
     setattr(

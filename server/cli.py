@@ -23,6 +23,7 @@ def demo_direction_path() -> Path:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
+    from abliserve.architectures import add_writers_flag
     from abliserve.server.engines import ENGINE_CHOICES
     from abliserve.server.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_REQUESTS
 
@@ -152,6 +153,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="reuse cached prompt prefixes (default on; ablated requests are salted apart)",
     )
+    add_writers_flag(serve)
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
@@ -190,6 +192,7 @@ def vllm_options(args: argparse.Namespace, engine: str) -> dict:
 
 def build_config(args: argparse.Namespace):
     """Resolve and validate every flag into a :class:`ServerConfig` (no model loaded yet)."""
+    from abliserve.architectures import check_checkpoint
     from abliserve.directions.artifact import load_artifact
     from abliserve.models import checkpoint_identity, resolve_model
     from abliserve.server.app import ServerConfig
@@ -220,6 +223,7 @@ def build_config(args: argparse.Namespace):
         raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     engine = resolve_engine_kind(args.engine)
     checkpoint = resolve_model(model)
+    check_checkpoint(checkpoint, args.writers)  # unknown architectures need --writers
     identity = checkpoint_identity(checkpoint)
     directions = {}
     for name, path in specs:
@@ -242,6 +246,7 @@ def build_config(args: argparse.Namespace):
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             dtype=args.dtype,
+            writers=args.writers,
             vllm=vllm_options(args, engine),
         ),
         limits=RequestLimits(

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from abliserve.architectures import WriterSpec
 from abliserve.bank import DirectionBank
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
 from abliserve.projection import site_names
@@ -96,6 +97,7 @@ class TransformersEngine(Engine):
         dtype: str = "auto",
         device: str | None = None,
         attn_implementation: str = "eager",
+        writers: WriterSpec | None = None,
     ) -> None:
         super().__init__(identity, directions)
         if max_num_seqs < 1:
@@ -105,6 +107,7 @@ class TransformersEngine(Engine):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype, self.device)
         self.attn_implementation = attn_implementation
+        self.writers = writers
         self._requested_max_len = max_model_len
         self._max_model_len = 0
         self.vocab_size = 0
@@ -139,6 +142,7 @@ class TransformersEngine(Engine):
         from transformers import AutoModelForCausalLM
 
         from abliserve.hooks import AblationHooks
+        from abliserve.selfcheck import check_writers
 
         model = AutoModelForCausalLM.from_pretrained(
             self.checkpoint, dtype=self.dtype, attn_implementation=self.attn_implementation
@@ -153,7 +157,8 @@ class TransformersEngine(Engine):
             value = getattr(source, "eos_token_id", None)
             eos.update([value] if isinstance(value, int) else value or [])
         self._eos_ids = frozenset(eos)
-        self._hooks = AblationHooks(model, self.bank)
+        check_writers(model, self.writers)  # refuse to serve a model ablated inexactly
+        self._hooks = AblationHooks(model, self.bank, self.writers)
         self.model = model
 
     async def shutdown(self) -> None:
