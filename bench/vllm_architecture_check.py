@@ -104,9 +104,7 @@ def _vllm(folder: Path, artifact, strength: float, llm) -> tuple[list[list[int]]
     )
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params)
     tokens = [list(o.outputs[0].token_ids) for o in outputs]
-    first = [
-        {token: lp.logprob for token, lp in o.outputs[0].logprobs[0].items()} for o in outputs
-    ]
+    first = [{token: lp.logprob for token, lp in o.outputs[0].logprobs[0].items()} for o in outputs]
     return tokens, first
 
 
