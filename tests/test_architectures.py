@@ -5,6 +5,7 @@ writer or an unknown architecture is refused."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 
@@ -143,3 +144,59 @@ def test_unknown_architecture_is_refused_unless_writers_are_named():
     for bad in ("embed=e,attn=a", "embed=e,attn=a.{i},mlp=m", "x=1,attn=a.{i},mlp=m.{i}"):
         with pytest.raises(ArchitectureError, match="--writers"):
             WriterSpec.parse(bad)
+
+
+ENGINE_PROMPTS = [[5, 9, 12, 7, 20], [3, 11, 8], [14, 14, 6, 25, 30, 10, 4]]
+ENGINE_ROWS = [("a", 1.0), (None, 0.0), ("b", 0.5)]
+
+
+@torch.no_grad()
+def _greedy(model, prompt: list[int], slot: int, strength: float, tokens: int) -> list[int]:
+    """Reference decoding: the whole sequence recomputed each step, no cache, one row."""
+    ids, out = torch.tensor([prompt]), []
+    with AblationHooks(model, _bank()) as hooks:
+        hooks.set_uniform(slot, strength, 1)
+        for _ in range(tokens):
+            out.append(int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[out[-1]]])], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_transformers_engine_serves_every_architecture(name, tmp_path):
+    """Continuous batching (left padding, merged caches; sliding-window models capped at their
+    window) with mixed strengths gives each row the tokens of a cache-free solo run."""
+    from abliserve.directions.artifact import DirectionArtifact
+    from abliserve.models import checkpoint_identity
+    from abliserve.server.engines.base import AblationSpec, GenerationRequest, SamplingOptions
+    from abliserve.server.engines.transformers_engine import TransformersEngine
+
+    folder = tmp_path / name
+    _model(name).save_pretrained(folder)
+    identity = checkpoint_identity(folder)
+    bank = _bank()
+    artifacts = {
+        slot_name: DirectionArtifact(bank.directions[slot], bank.weights[slot], identity)
+        for slot, slot_name in enumerate(bank.names, start=1)
+    }
+    engine = TransformersEngine(folder, identity, artifacts, max_num_seqs=3)
+
+    async def generate(index: int) -> list[int]:
+        direction, strength = ENGINE_ROWS[index]
+        options = SamplingOptions(max_tokens=5, temperature=0, logprobs=0, ignore_eos=True)
+        request = GenerationRequest(
+            f"r{index}", ENGINE_PROMPTS[index], options, AblationSpec(direction, strength)
+        )
+        return [token async for chunk in engine.generate(request) for token in chunk.token_ids]
+
+    async def serve() -> list[list[int]]:
+        await engine.start()
+        try:
+            return list(await asyncio.gather(*(generate(i) for i in range(3))))
+        finally:
+            await engine.shutdown()
+
+    served = asyncio.run(serve())
+    for index, (direction, strength) in enumerate(ENGINE_ROWS):
+        slot = 0 if direction is None else bank.names.index(direction) + 1
+        assert served[index] == _greedy(_model(name), ENGINE_PROMPTS[index], slot, strength, 5)

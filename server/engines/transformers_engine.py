@@ -42,7 +42,7 @@ from abliserve.server.engines.base import (
     GenerationChunk,
     GenerationRequest,
 )
-from abliserve.server.engines.kv_batch import KVBatch, check_supported
+from abliserve.server.engines.kv_batch import KVBatch, check_supported, sliding_window_limit
 from abliserve.server.engines.sampling import make_generator, sample_token, token_logprob
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class TransformersEngine(Engine):
         )
         model.to(self.device).eval()
         config = model.config.get_text_config(decoder=True)
-        limit = int(config.max_position_embeddings)
+        limit = min(int(config.max_position_embeddings), sliding_window_limit(model.config))
         self._max_model_len = min(self._requested_max_len or limit, limit)
         self.vocab_size = int(config.vocab_size)
         eos: set[int] = set()
@@ -297,7 +297,7 @@ class TransformersEngine(Engine):
             input_ids[i, width - lengths[i] :] = torch.tensor(pending.request.prompt_token_ids)
             mask[i, width - lengths[i] :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()  # full-attention layers; sliding windows are capped, see above
         check_supported(cache)
         self._set_ablation([p.request for p in admitted])
         output = self.model(
