@@ -1,5 +1,5 @@
 """The architecture coverage table: every supported architecture checked on both engines and
-by export, written to docs/ARCHITECTURES.md (the README carries the same table).
+by export, written into docs/ARCHITECTURES.md and README.md (between the table markers).
 
     .venv/bin/python bench/architecture_coverage.py            # all checks (vLLM: ~1 min/arch)
     .venv/bin/python bench/architecture_coverage.py --no-vllm  # transformers and export only
@@ -40,7 +40,7 @@ from abliserve.directions.export import orthogonalise_model  # noqa: E402
 from abliserve.hooks import AblationHooks  # noqa: E402
 from abliserve.selfcheck import residual_components  # noqa: E402
 
-OUT = ROOT / "docs" / "ARCHITECTURES.md"
+TARGETS = (ROOT / "docs" / "ARCHITECTURES.md", ROOT / "README.md")
 TABLE_START, TABLE_END = "<!-- coverage table -->", "<!-- end coverage table -->"
 
 
@@ -128,10 +128,10 @@ def table(rows: list[tuple[str, dict, dict | None]]) -> str:
 
 
 def write(markdown_table: str) -> None:
-    text = OUT.read_text()
-    head, _, rest = text.partition(TABLE_START)
-    _, _, tail = rest.partition(TABLE_END)
-    OUT.write_text(f"{head}{TABLE_START}\n{markdown_table}\n{TABLE_END}{tail}")
+    for target in TARGETS:
+        head, _, rest = target.read_text().partition(TABLE_START)
+        _, _, tail = rest.partition(TABLE_END)
+        target.write_text(f"{head}{TABLE_START}\n{markdown_table}\n{TABLE_END}{tail}")
 
 
 def main() -> None:
