@@ -41,6 +41,7 @@ from abliserve.projection import (
     orthogonalise_embedding,
     orthogonalise_output_weight,
 )
+from abliserve.selfcheck import check_writers
 
 EXPORT_CONFIG_KEY = "abliserve_export"
 
@@ -154,6 +155,7 @@ def export_checkpoint(
     artifact.check_fits(identity, artifact_name)
     check_checkpoint(checkpoint, writers)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto").eval()
+    check_writers(model, writers)  # never bake an ablation the writers do not capture
     approximate = orthogonalise_model(model, artifact.directions, artifact.weights, alpha, writers)
     setattr(
         model.config,

@@ -223,8 +223,8 @@ def build_config(args: argparse.Namespace):
         raise UserError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     engine = resolve_engine_kind(args.engine)
     checkpoint = resolve_model(model)
+    identity = checkpoint_identity(checkpoint)  # a corrupt checkpoint: one clear error first
     check_checkpoint(checkpoint, args.writers)  # unknown architectures need --writers
-    identity = checkpoint_identity(checkpoint)
     directions = {}
     for name, path in specs:
         artifact = load_artifact(path)

@@ -200,3 +200,18 @@ def test_transformers_engine_serves_every_architecture(name, tmp_path):
     for index, (direction, strength) in enumerate(ENGINE_ROWS):
         slot = 0 if direction is None else bank.names.index(direction) + 1
         assert served[index] == _greedy(_model(name), ENGINE_PROMPTS[index], slot, strength, 5)
+
+
+def test_transformers_engine_refuses_to_start_on_misnamed_writers(tmp_path):
+    from abliserve.models import checkpoint_identity
+    from abliserve.server.engines.transformers_engine import TransformersEngine
+
+    folder = tmp_path / "gemma2"
+    _model("gemma2").save_pretrained(folder)
+    before_norms = WriterSpec.parse(
+        "embed=model.embed_tokens,attn=model.layers.{i}.self_attn.o_proj,"
+        "mlp=model.layers.{i}.mlp.down_proj"
+    )
+    engine = TransformersEngine(folder, checkpoint_identity(folder), {}, writers=before_norms)
+    with pytest.raises(ArchitectureError, match="after decoder layer 0"):
+        asyncio.run(engine.start())
