@@ -117,9 +117,11 @@ _DECODER = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
-    "num_attention_heads": 2,
+    # One head of 64: the smallest vLLM's CPU attention takes, and hidden / heads (vLLM's Qwen2
+    # ignores head_dim).
+    "num_attention_heads": 1,
     "num_key_value_heads": 1,
-    "head_dim": 64,  # the smallest head vLLM's CPU attention kernels take
+    "head_dim": 64,
     "max_position_embeddings": 128,
     "pad_token_id": 1,
     "eos_token_id": 2,
@@ -167,7 +169,6 @@ def architecture_config(name: str):
     if name == "gpt_neox":
         fields.pop("head_dim")
         fields.pop("num_key_value_heads")
-        fields["num_attention_heads"] = 1
     return config_class(**fields, **extra)
 
 
