@@ -31,6 +31,7 @@ PROMPTS = [[5, 9, 12, 7, 20], [3, 11, 8], [14, 14, 6, 25, 30, 10, 4]]
 TOKENS = 8
 STRENGTHS = (0.0, 1.0)
 TIMEOUT_S = 600
+CRASH = re.compile(r"Segmentation|Aborted|core dumped|signal|Fatal|died|killed", re.IGNORECASE)
 ROOT_CAUSE = re.compile(r"\b\w*(?:Error|Exception): [^\n]{0,240}")
 
 
@@ -47,10 +48,14 @@ def run_check(name: str) -> dict:
     )
     lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1]) if lines else {"name": name, "runs": False}
+    log = Path(tempfile.gettempdir()) / f"abliserve-vllm-check-{name}.log"
+    log.write_text(process.stderr)
     if not result["runs"]:  # the root cause is logged by vLLM's worker, not in the exception
         causes = [m.group(0) for m in ROOT_CAUSE.finditer(process.stderr)]
         causes = [c for c in causes if "initialization failed" not in c]
-        result["reason"] = (causes or [result.get("reason", f"exit {process.returncode}")])[0]
+        crashes = [line for line in process.stderr.splitlines() if CRASH.search(line)]
+        fallback = result.get("reason", f"exit {process.returncode}")
+        result["reason"] = (causes or crashes[-1:] or [fallback])[0].strip()[:300]
     return result
 
 
