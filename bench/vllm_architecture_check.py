@@ -48,12 +48,12 @@ def run_check(name: str) -> dict:
     )
     lines = [line for line in process.stdout.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1]) if lines else {"name": name, "runs": False}
-    log = Path(tempfile.gettempdir()) / f"abliserve-vllm-check-{name}.log"
-    log.write_text(process.stderr)
+    output = process.stdout + process.stderr  # vLLM's processes log to both
+    (Path(tempfile.gettempdir()) / f"abliserve-vllm-check-{name}.log").write_text(output)
     if not result["runs"]:  # the root cause is logged by vLLM's worker, not in the exception
-        causes = [m.group(0) for m in ROOT_CAUSE.finditer(process.stderr)]
+        causes = [m.group(0) for m in ROOT_CAUSE.finditer(output)]
         causes = [c for c in causes if "initialization failed" not in c]
-        crashes = [line for line in process.stderr.splitlines() if CRASH.search(line)]
+        crashes = [line for line in output.splitlines() if CRASH.search(line)]
         fallback = result.get("reason", f"exit {process.returncode}")
         result["reason"] = (causes or crashes[-1:] or [fallback])[0].strip()[:300]
     return result
