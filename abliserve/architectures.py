@@ -126,11 +126,18 @@ def add_writers_flag(parser: argparse.ArgumentParser) -> None:
     """``--writers``, shared by ``serve`` and the ``directions`` commands."""
     parser.add_argument(
         "--writers",
-        type=WriterSpec.parse,
+        type=_parse_writers_flag,
         metavar="embed=PATH[+PATH],attn=PATH,mlp=PATH",
         help="residual-stream writer modules (paths from the model root, {i} = layer) for an "
         "architecture abliserve does not know; checked at start",
     )
+
+
+def _parse_writers_flag(text: str) -> WriterSpec:
+    try:
+        return WriterSpec.parse(text)
+    except ArchitectureError as error:  # argparse reports its own errors (usage, exit 2)
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def check_supported(architectures: Sequence[str], spec: WriterSpec | None) -> None:
