@@ -134,8 +134,8 @@ ARCHITECTURE_CONFIGS: dict[str, tuple[str, dict]] = {
     "mistral": ("MistralConfig", {}),
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", {}),
-    "gemma2": ("Gemma2Config", {}),
-    "gemma3": ("Gemma3TextConfig", {}),
+    "gemma2": ("Gemma2Config", {"tie_word_embeddings": True}),  # as every Gemma (vLLM: must)
+    "gemma3": ("Gemma3TextConfig", {"tie_word_embeddings": True}),
     "qwen2_moe": (
         "Qwen2MoeConfig",
         {**_MOE, "num_experts": 4, "shared_expert_intermediate_size": 64},
@@ -169,7 +169,7 @@ def architecture_config(name: str):
     if name == "gpt_neox":
         fields.pop("head_dim")
         fields.pop("num_key_value_heads")
-    return config_class(**fields, **extra)
+    return config_class(**{**fields, **extra})
 
 
 def architecture_model(name: str, seed: int = 0):
