@@ -1,8 +1,7 @@
 """The vLLM engine ablates other architectures exactly as the transformers engine does: one
 engine start per architecture (its own process, ``bench/vllm_architecture_check.py``) on a tiny
 random checkpoint, greedy token ids equal and first-token log-probabilities close at strength 0
-and 1. One architecture per writer kind: dense, post-norm (Gemma 3: vLLM's CPU build does not
-start Gemma 2, see docs/ARCHITECTURES.md), sparse MoE, two embedding writers
+and 1. One architecture per writer kind: dense, post-norm, sparse MoE, two embedding writers
 (the coverage command, docs/ARCHITECTURES.md, checks them all)."""
 
 from __future__ import annotations
