@@ -3,43 +3,26 @@
 Used by the transformers engine (mixed requests in one batch), by direction selection (every row
 at one candidate) and by tests as the reference for the vLLM op. Each writer's output is
 projected exactly once, at the writer, so strengths other than 1 keep their meaning
-(docs/MATHS.md: re-projecting the stream at every layer would compound to (1 - alpha)^k).
+(docs/MATHS.md: re-projecting the stream at every layer would compound to (1 - alpha)^k). Which
+modules are writers is :mod:`abliserve.architectures`' business.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import nn
 
+from abliserve.architectures import WriterSpec, find_decoder, writer_layout
 from abliserve.bank import DirectionBank
-from abliserve.projection import ablate, site_names
+from abliserve.projection import ablate
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
-    """The module that owns ``embed_tokens`` and ``layers`` (Llama, Qwen2/3, Mistral, Gemma)."""
-    for candidate in (getattr(model, "model", None), model):
-        if candidate is None:
-            continue
-        language_model = getattr(candidate, "language_model", None)
-        for module in (language_model, candidate):
-            if module is not None and hasattr(module, "embed_tokens") and hasattr(module, "layers"):
-                return module
-    raise ValueError(f"{type(model).__name__} has no decoder with embed_tokens and layers")
-
-
-def writer_modules(model: nn.Module) -> list[nn.Module]:
-    """The residual-stream writers of ``model`` in canonical site order."""
-    decoder = decoder_of(model)
-    names = site_names(len(decoder.layers))
-    try:
-        return [decoder.get_submodule(name) for name in names]
-    except AttributeError as error:
-        raise ValueError(
-            f"{type(model).__name__} does not have the writer modules abliserve ablates "
-            f"(embed_tokens, self_attn.o_proj, mlp.down_proj): {error}"
-        ) from None
+    """The module that owns the embedding and the decoder layers."""
+    return find_decoder(model)[1]
 
 
 class AblationHooks(AbstractContextManager):
@@ -49,12 +32,14 @@ class AblationHooks(AbstractContextManager):
     direction from the bank (0 = none), ``strengths`` [batch] its alpha.
     """
 
-    def __init__(self, model: nn.Module, bank: DirectionBank) -> None:
-        self.modules = writer_modules(model)
-        if bank.directions.shape[1] != len(self.modules):
+    def __init__(
+        self, model: nn.Module, bank: DirectionBank, writers: WriterSpec | None = None
+    ) -> None:
+        self.layout = writer_layout(model, writers)
+        if bank.directions.shape[1] != len(self.layout.sites):
             raise ValueError(
                 f"direction bank has {bank.directions.shape[1]} sites, "
-                f"model has {len(self.modules)}"
+                f"model has {len(self.layout.sites)}"
             )
         parameter = next(model.parameters())
         self.bank = bank.to(parameter.device)
@@ -62,7 +47,8 @@ class AblationHooks(AbstractContextManager):
         self._row_alphas: torch.Tensor | None = None  # [batch, sites]
         self._handles = [
             module.register_forward_hook(self._hook(index))
-            for index, module in enumerate(self.modules)
+            for index, site in enumerate(self.layout.sites)
+            for module in site.modules
         ]
 
     def set_rows(self, slots: torch.Tensor, strengths: torch.Tensor) -> None:
@@ -78,18 +64,23 @@ class AblationHooks(AbstractContextManager):
         self.set_rows(torch.full((batch_size,), slot), torch.full((batch_size,), strength))
 
     def _hook(self, site: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             if self._row_directions is None:
                 return None
             assert self._row_alphas is not None
-            if output.dim() != 3 or output.shape[0] != self._row_directions.shape[0]:
+            # Attention modules (and MoE blocks in some versions) return (hidden, extras...).
+            hidden = output[0] if isinstance(output, tuple) else output
+            batch = self._row_directions.shape[0]
+            if hidden.dim() != 3 or hidden.shape[0] not in (1, batch):
                 raise RuntimeError(
-                    f"ablation hook at site {site} got output {tuple(output.shape)}, expected "
-                    f"[{self._row_directions.shape[0]}, tokens, hidden]"
+                    f"ablation hook at site {site} got output {tuple(hidden.shape)}, expected "
+                    f"[{batch}, tokens, hidden]"
                 )
             direction = self._row_directions[:, site][:, None, :]  # [batch, 1, hidden]
             alpha = self._row_alphas[:, site][:, None]  # [batch, 1]
-            return ablate(output, direction, alpha)
+            # A [1, tokens, hidden] output shared by all rows (GPT-2's position embedding)
+            # broadcasts to one ablated copy per row; the stream adds it per row either way.
+            return _replace_first(output, ablate(hidden, direction, alpha))
 
         return hook
 
@@ -100,3 +91,7 @@ class AblationHooks(AbstractContextManager):
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+def _replace_first(output: Any, hidden: torch.Tensor) -> Any:
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden

@@ -15,6 +15,8 @@ from abliserve.errors import UserError
 
 DEMO = "demo"
 SOURCE_FILE = "ABLISERVE_SOURCE"  # written by checkpoints abliserve builds: "<model id> from ..."
+# GPT-2 / GPT-NeoX era configs name the sizes differently; read_config adds the modern keys.
+CONFIG_ALIASES = {"hidden_size": ("n_embd",), "num_hidden_layers": ("n_layer",)}
 
 
 class ModelNotFoundError(UserError, FileNotFoundError):
@@ -46,7 +48,12 @@ def resolve_model(spec: str) -> Path:
 
 
 def read_config(checkpoint: Path) -> dict:
+    """The text model's config.json entries, with ``hidden_size`` and ``num_hidden_layers``."""
     config = json.loads((checkpoint / "config.json").read_text())
+    for key, aliases in CONFIG_ALIASES.items():
+        for alias in aliases:
+            if key not in config and alias in config:
+                config[key] = config[alias]
     return config.get("text_config", config) if "num_hidden_layers" not in config else config
 
 

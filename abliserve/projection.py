@@ -9,9 +9,11 @@ with ``r_site`` a unit vector. The transformers hooks, the vLLM custom op and th
 exporter all call into this module, so "hooks at alpha == orthogonalised weights at alpha" holds
 by construction and is checked by tests.
 
-Sites are named once, here, by their Hugging Face module path relative to the decoder
-(``embed_tokens``, ``layers.{i}.self_attn.o_proj``, ``layers.{i}.mlp.down_proj``) and kept in a
-canonical order: the embedding first, then attention and MLP of each layer.
+Sites are named once, here, by their logical role in Llama's module names (``embed_tokens``,
+``layers.{i}.self_attn.o_proj``, ``layers.{i}.mlp.down_proj``) and kept in a canonical order:
+the embedding first, then attention and MLP of each layer. Which modules write each site in a
+given architecture (post-norms, MoE blocks, several embeddings) is
+:mod:`abliserve.architectures`' business.
 """
 
 from __future__ import annotations

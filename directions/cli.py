@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from abliserve.architectures import add_writers_flag
 from abliserve.directions.errors import DirectionError
 
 
@@ -129,6 +130,7 @@ def _register_compute(sub: argparse._SubParsersAction) -> None:
     compute.add_argument(
         "--activations-cache", type=Path, help="reuse/store extraction activations in this file"
     )
+    add_writers_flag(compute)
     compute.set_defaults(handler=_compute)
 
 
@@ -168,6 +170,7 @@ def _compute(args: argparse.Namespace) -> int:
             refusal_words=words,
             batch_size=args.batch_size,
             activations_cache=args.activations_cache,
+            writers=args.writers,
         )
     )
     return 0
@@ -237,6 +240,7 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--max-new-tokens", type=int, default=64)
     evaluate.add_argument("--batch-size", type=int, default=25)
     evaluate.add_argument("--json", type=Path, help="also write numbers and completions here")
+    add_writers_flag(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
 
@@ -267,8 +271,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     harmful = load_instructions(args.harmful)[: args.harmful_count]
     harmless = load_instructions(args.harmless)[: args.harmless_count]
 
-    model, tokenizer = load_model(checkpoint)
-    evaluator = Evaluator(model, tokenizer, harmful, harmless, args.batch_size, args.max_new_tokens)
+    model, tokenizer = load_model(checkpoint, writers=args.writers)
+    evaluator = Evaluator(
+        model, tokenizer, harmful, harmless, args.batch_size, args.max_new_tokens, args.writers
+    )
     first = next(iter(artifacts))  # strength 0 is the same model whichever direction
     plan = [(artifacts[first], "baseline", 0.0)]
     plan += [(a, name, s) for name, a in artifacts.items() for s in args.strengths if s != 0]
@@ -349,6 +355,7 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
         "engines that cannot load an embedding LoRA (e.g. vLLM 0.32 on Qwen2), and is then "
         "not exact if the direction weights the embedding",
     )
+    add_writers_flag(export)
     export.set_defaults(handler=_export)
 
 
@@ -371,8 +378,13 @@ def _export(args: argparse.Namespace) -> int:
     checkpoint = resolve_model(args.model)
     name = str(args.direction)
     if args.format == "checkpoint":
-        export_checkpoint(checkpoint, artifact, args.strength, args.out, name)
+        export_checkpoint(checkpoint, artifact, args.strength, args.out, name, args.writers)
     else:
+        if args.writers:
+            raise DirectionError(
+                "--writers applies to --format checkpoint; adapters are exported for the "
+                "architectures whose writers a LoRA can express"
+            )
         gguf = args.format == "lora-gguf"
         adapter = export_lora(
             checkpoint, artifact, args.strength, args.out, name, args.include_embedding, gguf

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from abliserve.architectures import WriterSpec
 from abliserve.datasets import default_path, instructions_hash, load_instructions
 from abliserve.directions.artifact import DirectionArtifact
 from abliserve.directions.errors import DirectionError
@@ -49,6 +50,7 @@ class ComputeOptions:
     refusal_words: tuple[str, ...] = DEFAULT_REFUSAL_WORDS
     batch_size: int = 16
     activations_cache: Path | None = None
+    writers: WriterSpec | None = None  # --writers, for architectures the rule does not know
 
 
 def candidate_layers(options: ComputeOptions, num_layers: int) -> list[int]:
@@ -95,7 +97,7 @@ def compute(options: ComputeOptions) -> DirectionArtifact:
     prompts = load_prompt_sets(options)
     identity = checkpoint_identity(checkpoint)
 
-    model, tokenizer = load_model(checkpoint)
+    model, tokenizer = load_model(checkpoint, writers=options.writers)
     refusal_ids = refusal_token_ids(tokenizer, options.refusal_words)
     harmful, harmless = _activations(model, tokenizer, prompts, refusal_ids, options)
     statistics = mean_difference(harmful, harmless, options.filter_prompts)
@@ -115,6 +117,7 @@ def compute(options: ComputeOptions) -> DirectionArtifact:
         prompts["harmless_val"],
         refusal_ids,
         options.batch_size,
+        options.writers,
     )
     scores = score_candidates(scorer, candidates, statistics.difference, layers, options.profile)
     best, any_passed = choose(scores, options.kl_bound)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from abliserve.architectures import WriterSpec
 from abliserve.bank import DirectionBank
 from abliserve.directions.artifact import DirectionArtifact
 from abliserve.directions.modelio import chat_batches, first_token_logprobs, kl_divergence
@@ -79,8 +80,9 @@ class Evaluator:
         harmless: Sequence[str],
         batch_size: int,
         max_new_tokens: int,
+        writers: WriterSpec | None = None,
     ) -> None:
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.writers = model, tokenizer, writers
         self.harmful = list(chat_batches(tokenizer, harmful, batch_size))
         self.harmless = list(chat_batches(tokenizer, harmless, batch_size))
         self.max_new_tokens = max_new_tokens
@@ -93,7 +95,7 @@ class Evaluator:
         """Generate and score at ``strength``; strength 0 is the baseline (hooks are no-ops)."""
         condition = Condition(direction=name, strength=strength)
         bank = DirectionBank.from_artifacts({name: artifact}, *artifact.directions.shape)
-        with AblationHooks(self.model, bank) as hooks:
+        with AblationHooks(self.model, bank, self.writers) as hooks:
             for batch in tqdm(self.harmful, desc=f"{name} @ {strength:g}", unit="batch"):
                 hooks.set_uniform(1, strength, len(batch["input_ids"]))
                 tokens = greedy_generate(

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from abliserve.architectures import residual_layers
 from abliserve.directions.errors import DirectionError
 from abliserve.directions.modelio import chat_batches, first_token_logprobs, refusal_scores
-from abliserve.hooks import decoder_of
 from abliserve.projection import normalise, project_out
 
 
@@ -39,15 +39,20 @@ def collect(
     description: str,
 ) -> Activations:
     """Run the model over ``instructions`` and record the stream at the last prompt token."""
-    decoder = decoder_of(model)
+    layers = residual_layers(model)
     captured: list[torch.Tensor] = []
 
-    def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
+    def capture(hidden: torch.Tensor) -> None:
         captured.append(hidden[:, -1].detach().float())
 
-    readers = [*decoder.layers, decoder.norm]
-    handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in readers]
+    def capture_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        capture(args[0] if args else kwargs["hidden_states"])
+
+    def capture_output(module: nn.Module, args: tuple, output: object) -> None:
+        capture(output[0] if isinstance(output, tuple) else output)
+
+    handles = [m.register_forward_pre_hook(capture_input, with_kwargs=True) for m in layers]
+    handles.append(layers[-1].register_forward_hook(capture_output))
     residuals, scores = [], []
     try:
         total = (len(instructions) + batch_size - 1) // batch_size

@@ -14,7 +14,12 @@ from abliserve.directions.artifact import FINGERPRINT_ROWS, ModelIdentity, finge
 from abliserve.errors import UserError
 from abliserve.models import ModelNotFoundError, model_display_id, read_config
 
-EMBEDDING_KEYS = ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight")
+EMBEDDING_KEYS = (
+    "model.embed_tokens.weight",
+    "model.language_model.embed_tokens.weight",
+    "transformer.wte.weight",
+    "gpt_neox.embed_in.weight",
+)
 
 
 def checkpoint_identity(checkpoint: Path, model_id: str | None = None) -> ModelIdentity:

@@ -14,22 +14,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from abliserve.architectures import WriterSpec, check_checkpoint
 from abliserve.errors import UserError
+from abliserve.selfcheck import check_writers
 
 # Arditi et al. score refusal on the first generated token; "I" (I'm sorry / I cannot) and "As"
 # (As an AI ...) open nearly every refusal of Qwen and Llama chat models.
 DEFAULT_REFUSAL_WORDS = ("I", "As")
 
 
-def load_model(checkpoint: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """Model (eval mode) and tokenizer (left padding) from a local checkpoint folder."""
+def load_model(
+    checkpoint: Path, dtype: torch.dtype = torch.float32, writers: WriterSpec | None = None
+) -> tuple[nn.Module, object]:
+    """Model (eval mode) and tokenizer (left padding) from a local checkpoint folder; its
+    residual-stream writers pass the self-check, or this refuses it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_checkpoint(checkpoint, writers)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
+    check_writers(model, writers)
     return model, tokenizer
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from abliserve.architectures import WriterSpec, residual_layers
 from abliserve.bank import DirectionBank
 from abliserve.directions.modelio import (
     chat_batches,
@@ -27,7 +28,7 @@ from abliserve.directions.modelio import (
     kl_divergence,
     refusal_scores,
 )
-from abliserve.hooks import AblationHooks, decoder_of
+from abliserve.hooks import AblationHooks
 from abliserve.projection import site_names
 
 
@@ -101,8 +102,9 @@ class Scorer:
         harmless: Sequence[str],
         refusal_ids: Sequence[int],
         batch_size: int,
+        writers: WriterSpec | None = None,
     ) -> None:
-        self.model = model
+        self.model, self.writers = model, writers
         self.refusal_ids = list(refusal_ids)
         self.harmful = list(chat_batches(tokenizer, harmful, batch_size))
         self.harmless = list(chat_batches(tokenizer, harmless, batch_size))
@@ -122,7 +124,7 @@ class Scorer:
             directions=torch.stack([torch.zeros_like(directions), directions]),
             weights=torch.stack([torch.zeros_like(weights), weights]),
         )
-        with AblationHooks(self.model, bank) as hooks:
+        with AblationHooks(self.model, bank, self.writers) as hooks:
             refusal = []
             for batch in self.harmful:
                 hooks.set_uniform(1, 1.0, len(batch["input_ids"]))
@@ -136,8 +138,7 @@ class Scorer:
 
     def induced(self, vector: torch.Tensor, layer: int) -> float:
         """Refusal on harmless prompts with ``vector`` added to the stream entering ``layer``."""
-        decoder = decoder_of(self.model)
-        module = decoder.layers[layer] if layer < len(decoder.layers) else decoder.norm
+        module = residual_layers(self.model)[layer]
 
         def add(module: nn.Module, args: tuple, kwargs: dict):
             if args:

@@ -27,6 +27,7 @@ def demo_direction_path() -> Path:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
+    from abliserve.architectures import add_writers_flag
     from abliserve.server.engines import ENGINE_CHOICES
     from abliserve.server.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_REQUESTS
 
@@ -174,6 +175,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="as vllm serve --enable-auto-tool-choice --tool-call-parser NAME: tool_choice "
         '"auto" parses the model\'s tool calls (hermes for Qwen2.5); without it "auto" is a 400',
     )
+    add_writers_flag(serve)
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
@@ -287,6 +289,7 @@ def check_tool_call_parser(name: str) -> None:
 
 def build_config(args: argparse.Namespace):
     """Resolve and validate every flag into a :class:`ServerConfig` (no model loaded yet)."""
+    from abliserve.architectures import check_checkpoint
     from abliserve.directions.artifact import load_artifact
     from abliserve.directions.identity import checkpoint_identity
     from abliserve.models import resolve_model
@@ -320,7 +323,8 @@ def build_config(args: argparse.Namespace):
     check_exposure_flags(args)
     engine = resolve_engine_kind(args.engine)
     checkpoint = resolve_model(model)
-    identity = checkpoint_identity(checkpoint)
+    identity = checkpoint_identity(checkpoint)  # a corrupt checkpoint: one clear error first
+    check_checkpoint(checkpoint, args.writers)  # unknown architectures need --writers
     directions = {}
     for name, path in specs:
         artifact = load_artifact(path)
@@ -343,6 +347,7 @@ def build_config(args: argparse.Namespace):
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             dtype=args.dtype,
+            writers=args.writers,
             vllm=vllm_options(args, engine),
         ),
         limits=RequestLimits(

@@ -109,3 +109,91 @@ def random_directions(num_sites: int, hidden: int, seed: int = 1) -> torch.Tenso
     generator = torch.Generator().manual_seed(seed)
     directions = torch.randn(num_sites, hidden, generator=generator)
     return directions / directions.norm(dim=-1, keepdim=True)
+
+
+# One tiny config per architecture family the writer rule must get right (docs/ARCHITECTURES.md).
+_DECODER = {
+    "vocab_size": len(SPECIALS) + len(WORDS),
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    # One head of 64: the smallest vLLM's CPU attention takes, and hidden / heads (vLLM's Qwen2
+    # ignores head_dim).
+    "num_attention_heads": 1,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "max_position_embeddings": 128,
+    "pad_token_id": 1,
+    "eos_token_id": 2,
+    "bos_token_id": 3,
+    "tie_word_embeddings": False,
+}
+_MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
+ARCHITECTURE_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "gemma2": ("Gemma2Config", {"tie_word_embeddings": True}),  # as every Gemma (vLLM: must)
+    "gemma3": ("Gemma3TextConfig", {"tie_word_embeddings": True}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {**_MOE, "num_experts": 4, "shared_expert_intermediate_size": 64},
+    ),
+    "qwen3_moe": ("Qwen3MoeConfig", {**_MOE, "num_experts": 4}),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "gpt_oss": ("GptOssConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "gpt2": ("GPT2Config", None),
+    "gpt_neox": ("GPTNeoXConfig", {"use_parallel_residual": True, "rotary_pct": 0.5}),
+}
+
+
+def architecture_config(name: str):
+    import transformers
+
+    class_name, extra = ARCHITECTURE_CONFIGS[name]
+    config_class = getattr(transformers, class_name)
+    if extra is None:  # GPT-2's own field names
+        return config_class(
+            vocab_size=_DECODER["vocab_size"],
+            n_embd=64,
+            n_layer=2,
+            n_head=1,
+            n_positions=128,
+            bos_token_id=3,
+            eos_token_id=2,
+            pad_token_id=1,
+            tie_word_embeddings=False,
+        )
+    fields = dict(_DECODER)
+    if name == "gpt_neox":
+        fields.pop("head_dim")
+        fields.pop("num_key_value_heads")
+    return config_class(**{**fields, **extra})
+
+
+def architecture_model(name: str, seed: int = 0):
+    """A random float32 model of architecture ``name`` with EVERY parameter random, norm gains
+    included: uniform gains would hide a writer hooked before a post-norm."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    net = AutoModelForCausalLM.from_config(
+        architecture_config(name), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        for parameter_name, parameter in net.named_parameters():
+            if parameter.dim() == 1 and not parameter_name.endswith("bias"):
+                parameter.uniform_(0.3, 1.7)  # norm gains (and Gemma's 1 + w offsets)
+            elif parameter.dim() == 1:
+                parameter.normal_(0, 0.1)
+            else:
+                parameter.normal_(0, 0.2)
+    return net
+
+
+def architecture_checkpoint(folder: Path, name: str, seed: int = 0) -> Path:
+    """Save a tiny model of architecture ``name`` and the word-level tokenizer."""
+    architecture_model(name, seed).save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
+    return folder

@@ -9,10 +9,11 @@ PyTorch does.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from abliserve.architectures import WriterSpec
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
 from abliserve.errors import UserError
 from abliserve.server.engines.base import Engine
@@ -28,6 +29,7 @@ class EngineOptions:
     max_model_len: int | None = None
     max_num_seqs: int = 32
     dtype: str = "auto"
+    writers: WriterSpec | None = None  # operator-named writers (--writers), else the rule
     # vLLM-only engine arguments given on the command line (tensor_parallel_size, ...).
     vllm: dict[str, Any] = field(default_factory=dict)
 
@@ -62,7 +64,7 @@ def create_engine(
 ) -> Engine:
     """Build (not start) the engine ``kind`` (``auto``, ``vllm`` or ``transformers``)."""
     kind = resolve_engine_kind(kind)
-    common = {key: value for key, value in asdict(options).items() if key != "vllm"}
+    common = {f.name: getattr(options, f.name) for f in fields(options) if f.name != "vllm"}
     if kind == "vllm":
         module = importlib.import_module(VLLM_ENGINE_MODULE)
         return module.VllmEngine(checkpoint, identity, directions, **common, **options.vllm)

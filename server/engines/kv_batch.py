@@ -6,8 +6,11 @@ exactly as they would be alone, and masked padding contributes nothing. That is 
 request join a running batch (continuous batching: prefill it separately, then merge caches)
 and leave it (drop its row, then trim columns that are padding in every remaining row).
 
-Only plain full-attention layers (``DynamicLayer``) are supported: sliding-window or recurrent
-layers keep state that cannot be padded this way, and :func:`check_supported` says so at start-up.
+Only plain full-attention layers (``DynamicLayer``) are merged: recurrent layers keep state that
+cannot be padded this way, and :func:`check_supported` says so. Sliding-window models (Mistral,
+Gemma 2/3, gpt-oss) are served with full caches and a context capped at their window
+(:func:`sliding_window_limit`): a row never spans more than the window, so the model's sliding
+mask hides nothing and a full cache gives the same attention.
 """
 
 from __future__ import annotations
@@ -16,6 +19,15 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+
+def sliding_window_limit(config) -> int:
+    """The smallest attention window of the model's sliding layers (a huge number if none)."""
+    cache = DynamicCache(config=config)  # transformers' own reading of which layers slide
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        text_config = config.get_text_config(decoder=True)
+        return int(getattr(text_config, "sliding_window", None) or 2**31)
+    return 2**31
 
 
 def check_supported(cache: DynamicCache) -> None:

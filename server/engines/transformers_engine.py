@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from abliserve.architectures import WriterSpec
 from abliserve.bank import DirectionBank
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
 from abliserve.projection import site_names
@@ -42,7 +43,7 @@ from abliserve.server.engines.base import (
     GenerationChunk,
     GenerationRequest,
 )
-from abliserve.server.engines.kv_batch import KVBatch, check_supported
+from abliserve.server.engines.kv_batch import KVBatch, check_supported, sliding_window_limit
 from abliserve.server.engines.sampling import (
     make_generator,
     processed_logits,
@@ -101,6 +102,7 @@ class TransformersEngine(Engine):
         dtype: str = "auto",
         device: str | None = None,
         attn_implementation: str = "eager",
+        writers: WriterSpec | None = None,
     ) -> None:
         super().__init__(identity, directions)
         if max_num_seqs < 1:
@@ -110,6 +112,7 @@ class TransformersEngine(Engine):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype, self.device)
         self.attn_implementation = attn_implementation
+        self.writers = writers
         self._requested_max_len = max_model_len
         self._max_model_len = 0
         self.vocab_size = 0
@@ -145,13 +148,14 @@ class TransformersEngine(Engine):
         from transformers import AutoModelForCausalLM
 
         from abliserve.hooks import AblationHooks
+        from abliserve.selfcheck import check_writers
 
         model = AutoModelForCausalLM.from_pretrained(
             self.checkpoint, dtype=self.dtype, attn_implementation=self.attn_implementation
         )
         model.to(self.device).eval()
         config = model.config.get_text_config(decoder=True)
-        limit = int(config.max_position_embeddings)
+        limit = min(int(config.max_position_embeddings), sliding_window_limit(model.config))
         self._max_model_len = min(self._requested_max_len or limit, limit)
         self.vocab_size = int(config.vocab_size)
         eos: set[int] = set()
@@ -159,7 +163,8 @@ class TransformersEngine(Engine):
             value = getattr(source, "eos_token_id", None)
             eos.update([value] if isinstance(value, int) else value or [])
         self._eos_ids = frozenset(eos)
-        self._hooks = AblationHooks(model, self.bank)
+        check_writers(model, self.writers)  # refuse to serve a model ablated inexactly
+        self._hooks = AblationHooks(model, self.bank, self.writers)
         self.model = model
 
     async def shutdown(self) -> None:
@@ -299,7 +304,7 @@ class TransformersEngine(Engine):
             input_ids[i, width - lengths[i] :] = torch.tensor(pending.request.prompt_token_ids)
             mask[i, width - lengths[i] :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()  # full-attention layers; sliding windows are capped, see above
         check_supported(cache)
         self._set_ablation([p.request for p in admitted])
         output = self.model(

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from abliserve.architectures import WriterSpec
 from abliserve.demo_model import cache_root
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
 from abliserve.server.engines.base import (
@@ -65,6 +66,7 @@ class VllmEngine(Engine):
         max_num_seqs: int | None = None,
         kv_cache_memory_bytes: int | None = None,
         seed: int = 0,
+        writers: WriterSpec | None = None,
     ) -> None:
         super().__init__(identity, directions)
         self.checkpoint = Path(checkpoint)
@@ -93,7 +95,7 @@ class VllmEngine(Engine):
             self.engine_args["max_num_seqs"] = max_num_seqs
         if directions:
             self.engine_args["additional_config"] = plugin_config(
-                directions, cache_root() / "vllm-directions"
+                directions, cache_root() / "vllm-directions", writers
             )
         self._llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self._max_model_len = 0

@@ -5,12 +5,15 @@ through this package's ``vllm.general_plugins`` entry point. It patches two meth
 model runner (the runner vLLM 0.32-0.33 uses on CPU, and that the abliserve engine forces on GPU):
 
 * ``load_model``: after the weights are loaded, and so before ``torch.compile`` and CUDA-graph
-  capture, a forward hook goes on every residual-stream writer (the embedding, every attention
-  ``o_proj``, every MLP ``down_proj``). Each hook calls the custom op of
-  :mod:`abliserve.server.engines.vllm_op` on the writer's output, reading per-token strengths
-  and bank slots from persistent buffers. The writer's own output is projected, never the
-  residual stream: in Qwen2/Llama the ``down_proj`` output is fused with the residual add
-  inside the next RMSNorm, and projecting the stream would compound (docs/MATHS.md).
+  capture, a forward hook goes on every residual-stream writer, found on vLLM's module tree by
+  the same rule as on transformers' (:mod:`abliserve.architectures`: embeddings, output
+  projections, whole MoE blocks around ``FusedMoE``, post-norms where there are). Each hook
+  calls the custom op of :mod:`abliserve.server.engines.vllm_op` on the writer's output,
+  reading per-token strengths and bank slots from persistent buffers. The writer's own output
+  is projected, never the residual stream: in Qwen2/Llama the ``down_proj`` output is fused
+  with the residual add inside the next RMSNorm, and projecting the stream would compound
+  (docs/MATHS.md). vLLM calls post-norm writers (Gemma 2/3) without a residual, so their
+  output is exactly what is written.
 * ``_prepare_inputs``: before every forward, the buffers are refilled from each request's
   ``SamplingParams.extra_args`` in ``input_batch.req_ids`` order
   (:mod:`abliserve.server.engines.vllm_routing`), where vLLM's LoRA sets its token mapping.
@@ -40,9 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from abliserve.architectures import ArchitectureError, WriterSpec, writer_layout
 from abliserve.bank import DirectionBank
 from abliserve.directions.artifact import DirectionArtifact, load_artifact
-from abliserve.projection import site_names
 from abliserve.server.engines import vllm_op
 from abliserve.server.engines.vllm_routing import TokenRouting, request_route
 
@@ -59,7 +62,9 @@ class PluginError(RuntimeError):
     """The plugin cannot install the ablation; raised in the vLLM process, stops the engine."""
 
 
-def plugin_config(artifacts: dict[str, DirectionArtifact], cache_dir: Path) -> dict[str, Any]:
+def plugin_config(
+    artifacts: dict[str, DirectionArtifact], cache_dir: Path, writers: WriterSpec | None = None
+) -> dict[str, Any]:
     """The ``additional_config`` entry that turns the plugin on for one engine.
 
     Each artifact is written (once, content-addressed) under ``cache_dir``, so worker
@@ -80,7 +85,10 @@ def plugin_config(artifacts: dict[str, DirectionArtifact], cache_dir: Path) -> d
         if not path.is_file():
             artifact.save(path)
         entries.append({"name": name, "path": str(path), "sha256": digest})
-    return {CONFIG_KEY: {"directions": entries, "plugin": plugin_digest.hexdigest()[:16]}}
+    config = {"directions": entries, "plugin": plugin_digest.hexdigest()[:16]}
+    if writers is not None:
+        config["writers"] = str(writers)
+    return {CONFIG_KEY: config}
 
 
 def register() -> None:
@@ -203,19 +211,20 @@ def install(runner: Any, config: dict[str, Any]) -> TokenRouting:
                 f"and {text_config.num_hidden_layers} layers"
             )
         artifacts[entry["name"]] = artifact
-    writers = writer_modules(runner.get_model())
-    bank = DirectionBank.from_artifacts(artifacts, len(writers), text_config.hidden_size)
+    spec = WriterSpec.parse(config["writers"]) if "writers" in config else None
+    sites = writer_sites(runner.get_model(), spec)
+    bank = DirectionBank.from_artifacts(artifacts, len(sites), text_config.hidden_size)
     bank = bank.to(runner.device)
     routing = TokenRouting(runner.max_num_tokens, len(bank.names) + 1, runner.device)
-    for site, module in enumerate(writers):
-        module.register_forward_hook(
-            _writer_hook(
-                bank.directions[:, site].contiguous(), bank.weights[:, site].contiguous(), routing
-            )
+    for site, modules in enumerate(sites):
+        hook = _writer_hook(
+            bank.directions[:, site].contiguous(), bank.weights[:, site].contiguous(), routing
         )
+        for module in modules:
+            module.register_forward_hook(hook)
     logger.info(
         "abliserve: ablation installed at %d writers, %d direction(s) %s, %d-row buffers",
-        len(writers),
+        sum(len(modules) for modules in sites),
         len(bank.names),
         bank.names,
         routing.max_tokens,
@@ -223,27 +232,23 @@ def install(runner: Any, config: dict[str, Any]) -> TokenRouting:
     return routing
 
 
-def writer_modules(model: nn.Module) -> list[nn.Module]:
-    """The residual-stream writers of a vLLM model, in canonical site order."""
-    decoder = next(
-        (m for m in model.modules() if hasattr(m, "embed_tokens") and hasattr(m, "layers")),
-        None,
-    )
-    if decoder is None:
-        raise PluginError(f"{type(model).__name__}: no decoder with embed_tokens and layers")
+def writer_sites(model: nn.Module, spec: WriterSpec | None = None) -> list[tuple[nn.Module, ...]]:
+    """The residual-stream writers of a vLLM model, per canonical site."""
     try:
-        writers = [decoder.get_submodule(name) for name in site_names(len(decoder.layers))]
-    except AttributeError as error:
-        raise PluginError(
-            f"{type(model).__name__} is not an architecture abliserve can ablate in vLLM "
-            f"(needs embed_tokens, self_attn.o_proj, mlp.down_proj): {error}"
-        ) from None
-    for writer in writers:
+        sites = [site.modules for site in writer_layout(model, spec).sites]
+    except ArchitectureError as error:
+        raise PluginError(f"abliserve cannot ablate this model in vLLM: {error}") from None
+    for writer in (module for modules in sites for module in modules):
         if getattr(writer, "skip_bias_add", False) and getattr(writer, "bias", None) is not None:
             raise PluginError(f"{type(writer).__name__} returns its bias separately: unsupported")
         if getattr(writer, "reduce_results", True) is False and writer.tp_size > 1:
             raise PluginError(f"{type(writer).__name__} does not all-reduce its output")
-    return writers
+    return sites
+
+
+def writer_modules(model: nn.Module) -> list[nn.Module]:
+    """One writer per site (the first where a site has several), for checks and tests."""
+    return [modules[0] for modules in writer_sites(model)]
 
 
 def _writer_hook(
