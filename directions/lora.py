@@ -29,40 +29,43 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
+from abliserve.architectures import WriterLayout, check_checkpoint, writer_layout
 from abliserve.directions.artifact import DirectionArtifact
 from abliserve.directions.errors import DirectionError
 from abliserve.directions.identity import checkpoint_identity
-from abliserve.hooks import writer_modules
 from abliserve.projection import rank_one_ablation
 
-# Architectures whose residual-stream writers are exactly embed_tokens, o_proj and down_proj, with
-# nothing between them and the residual add.
-ADAPTER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-POST_NORM_MODEL_TYPES = ("gemma2", "gemma3", "gemma3_text", "olmo2")
 PEFT_PREFIX = "base_model.model."
+ADAPTABLE = (nn.Linear, nn.Embedding)  # what a rank-1 PEFT LoRA can sit on
 
 
-def adapter_refusal(model_type: str) -> str | None:
-    """Why a weight-update adapter cannot express the ablation of ``model_type``, or None.
+def adapter_refusal(layout: WriterLayout) -> str | None:
+    """Why a weight-update adapter cannot express the ablation of a model whose writers are
+    ``layout`` (the shared per-architecture description), or None.
 
-    The one place that decides which architectures get adapters, so a shared per-architecture
-    description of the writers can replace it.
+    A rank-1 LoRA adds ``B A x`` to one linear layer's (or embedding's) output, so it is the
+    exact ablation only where that output is itself what is added to the residual stream.
     """
-    if model_type in ADAPTER_MODEL_TYPES:
-        return None
-    if model_type in POST_NORM_MODEL_TYPES:
-        return (
-            f"{model_type} normalises each writer's output with a per-channel gain before the "
-            "residual add, so the writer is the norm's output and no update of the projection's "
-            "weight removes its component along the direction; serve it with the abliserve "
-            "plugin instead"
-        )
-    return (
-        f"adapters are exported only for {', '.join(ADAPTER_MODEL_TYPES)} (writers embed_tokens, "
-        f"o_proj, down_proj with nothing between them and the residual stream); {model_type!r} "
-        "is not known to be one of these"
-    )
+    for site in layout.sites:
+        name = ", ".join(site.names)
+        if site.normalised_branch is not None:
+            return (
+                f"{name} normalises its branch's output with a per-channel gain before the "
+                "residual add, so the writer is the norm's output and no update of the "
+                "projection's weight removes its component along the direction; serve it with "
+                "the abliserve plugin, or `abliserve export` for a marked approximation"
+            )
+        if len(site.modules) != 1 or not isinstance(site.modules[0], ADAPTABLE):
+            kind = " + ".join(type(module).__name__ for module in site.modules)
+            return (
+                f"the writer {name} is a {kind}, not one linear layer or embedding a LoRA "
+                "adapter can sit on (a whole MoE block, several embeddings, a fused "
+                "projection); serve it with the abliserve plugin or bake it with "
+                "`abliserve export`"
+            )
+    return None
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ def adapter_tensors(
     tensors: dict[str, torch.Tensor] = {}
     targets: list[str] = []
     omitted = 0.0
-    for site, module in enumerate(writer_modules(model)):
+    writers = [writer.modules[0] for writer in writer_layout(model).sites]  # one each: checked
+    for site, module in enumerate(writers):
         site_weight = float(weights[site])
         direction = directions[site]
         if site_weight == 0.0 or not bool(direction.any()):
@@ -132,10 +136,11 @@ def build_adapter(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     artifact.check_fits(checkpoint_identity(checkpoint), artifact_name)
+    check_checkpoint(checkpoint, None)  # unknown architectures: one line naming the known
     config = AutoConfig.from_pretrained(checkpoint)
-    if (reason := adapter_refusal(config.model_type)) is not None:
-        raise DirectionError(f"cannot export a LoRA adapter: {reason}")
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto").eval()
+    if (reason := adapter_refusal(writer_layout(model))) is not None:
+        raise DirectionError(f"cannot export a LoRA adapter: {reason}")
     tensors, targets, omitted = adapter_tensors(
         model, artifact.directions, artifact.weights, include_embedding
     )

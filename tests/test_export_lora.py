@@ -10,8 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import checkpoint, random_directions
+from tiny_models import (
+    architecture_checkpoint,
+    architecture_model,
+    checkpoint,
+    random_directions,
+)
 
+from abliserve.architectures import writer_layout
 from abliserve.bank import DirectionBank
 from abliserve.cli import main
 from abliserve.directions.artifact import DirectionArtifact
@@ -103,10 +109,16 @@ def test_biases_on_writers_are_refused(tmp_path: Path) -> None:
 
 
 def test_only_architectures_whose_writers_an_adapter_expresses() -> None:
-    for model_type in ("llama", "mistral", "qwen2", "qwen3"):
-        assert adapter_refusal(model_type) is None
-    assert "per-channel gain" in (adapter_refusal("gemma2") or "")
-    assert "not known" in (adapter_refusal("phi3") or "")
+    """Decided from the shared writer description: one linear layer or embedding per site,
+    nothing between it and the residual add."""
+    for name in ("llama", "mistral", "qwen2", "qwen3"):
+        assert adapter_refusal(writer_layout(architecture_model(name))) is None, name
+    assert "per-channel gain" in (
+        adapter_refusal(writer_layout(architecture_model("gemma2"))) or ""
+    )
+    for name in ("qwen3_moe", "mixtral", "gpt2"):
+        reason = adapter_refusal(writer_layout(architecture_model(name))) or ""
+        assert "not one linear layer or embedding" in reason, name
 
 
 def test_cli_exports_an_adapter_and_refuses_in_one_line(tmp_path: Path, capsys) -> None:
@@ -124,10 +136,11 @@ def test_cli_exports_an_adapter_and_refuses_in_one_line(tmp_path: Path, capsys) 
     assert main(gguf_argv) == 0 and (tmp_path / "a.gguf").is_file()
     capsys.readouterr()
 
-    config_path = source / "config.json"
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "model_type": "gemma2"}))
-    assert main([*argv, "--out", str(tmp_path / "gemma")]) == 2
+    gemma = architecture_checkpoint(tmp_path / "gemma2", "gemma2")
+    gemma_direction = artifact_for(gemma).save(tmp_path / "g.safetensors")
+    gemma_argv = ["export", "--model", str(gemma), "--direction", str(gemma_direction)]
+    capsys.readouterr()  # the checkpoint's save progress bar
+    assert main([*gemma_argv, "--format", "lora", "--out", str(tmp_path / "gemma")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("abliserve: error:") and "per-channel gain" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "gemma").exists()
