@@ -167,7 +167,7 @@ def test_transformers_engine_serves_every_architecture(name, tmp_path):
     """Continuous batching (left padding, merged caches; sliding-window models capped at their
     window) with mixed strengths gives each row the tokens of a cache-free solo run."""
     from abliserve.directions.artifact import DirectionArtifact
-    from abliserve.models import checkpoint_identity
+    from abliserve.directions.identity import checkpoint_identity
     from abliserve.server.engines.base import AblationSpec, GenerationRequest, SamplingOptions
     from abliserve.server.engines.transformers_engine import TransformersEngine
 
@@ -203,7 +203,7 @@ def test_transformers_engine_serves_every_architecture(name, tmp_path):
 
 
 def test_transformers_engine_refuses_to_start_on_misnamed_writers(tmp_path):
-    from abliserve.models import checkpoint_identity
+    from abliserve.directions.identity import checkpoint_identity
     from abliserve.server.engines.transformers_engine import TransformersEngine
 
     folder = tmp_path / "gemma2"
