@@ -61,7 +61,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--engine",
         choices=ENGINE_CHOICES,
         default="auto",
-        help="auto = vLLM where installed, else transformers (default: auto)",
+        help="auto = vLLM where it is installed and can start on this machine, else transformers "
+        "(one warning line says why; default: auto)",
     )
     serve.add_argument(
         "--default-strength",
