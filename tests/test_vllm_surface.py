@@ -30,7 +30,7 @@ from vllm_battery import (
     vllm_serve,
 )
 
-from abliserve.server.protocol import MAX_STOP_STRINGS
+from abliserve.server.protocol import MAX_STOP_CHARS
 
 pytest.importorskip("vllm")
 
@@ -146,12 +146,18 @@ def test_fields_vllm_does_not_know_are_refused_by_name(clients) -> None:
 
 
 def test_stop_lists_are_bounded_on_the_vllm_path_too(clients) -> None:
-    """A long stop list costs vLLM a search per stop string per token, as it did the
-    transformers engine: both refuse more than the documented bounds."""
+    """A long stop list costs a search per stop string per token: vLLM bounds their count
+    (VLLM_MAX_STOP_STRINGS), abliserve also their total length, as on the transformers engine."""
     _, client = clients
-    body = {**BATTERY["logprobs"][1], "stop": [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]}
-    response = client.post("/v1/chat/completions", json=body)
-    assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"] == "stop"
-    within = client.post("/v1/chat/completions", json={**body, "stop": ["s0", "s1"]})
+    chat = BATTERY["logprobs"][1]
+    many = client.post(
+        "/v1/chat/completions", json={**chat, "stop": [f"s{i}" for i in range(1025)]}
+    )
+    assert many.status_code == 400, many.text
+    assert many.json()["error"]["param"].startswith("stop")
+    long_stops = ["x" * (MAX_STOP_CHARS // 2 + 1)] * 2
+    long = client.post("/v1/chat/completions", json={**chat, "stop": long_stops})
+    assert long.status_code == 400, long.text
+    assert long.json()["error"]["param"] == "stop"
+    within = client.post("/v1/chat/completions", json={**chat, "stop": ["s0", "s1"]})
     assert within.status_code == 200, within.text
