@@ -25,18 +25,13 @@ capped at 0.5 cannot get 1.0 through A/B. ``GET /ab`` serves the comparison page
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from dataclasses import dataclass
 from importlib import resources
 
 import torch
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from fastapi.responses import FileResponse, Response
 
 from abliserve.refusal import MarkerList, matched_markers
 from abliserve.server.ab_protocol import (
@@ -51,28 +46,24 @@ from abliserve.server.ab_protocol import (
     FirstTokenVariant,
     RefusalFlags,
     TokenProbability,
+    VariantsRequest,
 )
 from abliserve.server.completions import (
+    Choice,
     ChoiceOutput,
-    CompletionService,
-    checked,
-    merge,
-    stop_token_ids,
+    Delta,
+    Plan,
+    respond,
+    sse,
+    stream_response,
 )
-from abliserve.server.engines.base import (
-    AblationSpec,
-    EngineError,
-    GenerationRequest,
-    SamplingOptions,
-)
+from abliserve.server.engines.base import AblationSpec, EngineError
 from abliserve.server.errors import ApiError, bad_request, shown
 from abliserve.server.policy import (
-    APPLIED_HEADER,
     DIRECTION_HEADER,
     STRENGTH_HEADER,
     AblationAsk,
     applied_json,
-    describe_applied,
     resolve_ablation,
 )
 from abliserve.server.protocol import AblationApplied
@@ -88,39 +79,48 @@ STATIC = resources.files("abliserve.clients") / "static"
 PAGE_FILES = {"ab.js": "text/javascript", "ab.css": "text/css"}  # what /ab/static serves
 
 
-def resolve_variants(
-    request: Request, strengths: Sequence[float], direction: str | None
-) -> list[AblationSpec]:
-    """Baseline plus one spec per strength, each resolved and authorised like a chat request.
+@dataclass
+class Variants:
+    """An A/B-style request, checked: the served model's name, the ablation of each variant
+    (baseline first) and the chat prompt every variant shares."""
+
+    model: str
+    specs: list[AblationSpec]
+    prompt_ids: list[int]
+
+
+def variants_of(request: Request, body: VariantsRequest) -> Variants:
+    """The model (the first served name when unset), each strength resolved and authorised like
+    a chat request, and the chat template applied once.
 
     The direction may come from the body or the ``X-Ablation-Direction`` header (they must
     agree); strengths only from the body, since one header cannot carry several."""
+    state = api_state(request)
+    if body.model is not None:
+        check_model(state, body.model)
     if request.headers.get(STRENGTH_HEADER) is not None:
         raise bad_request(
             f"A/B takes its strengths from the body field 'strengths', not {STRENGTH_HEADER}",
             STRENGTH_HEADER,
         )
-    state = api_state(request)
-    return [
+    specs = [
         resolve_ablation(
             AblationAsk(
                 header_direction=request.headers.get(DIRECTION_HEADER),
                 body_strength=strength,
-                body_direction=direction,
+                body_direction=body.direction,
             ),
             state.policy,
             key_policy(request),
         )
-        for strength in (0.0, *strengths)
+        for strength in (0.0, *body.strengths)
     ]
+    prompt_ids = state.service.chat_prompt_ids([m.model_dump() for m in body.messages])
+    return Variants(body.model or state.served_model_names[0], specs, prompt_ids)
 
 
-def served_model(request: Request, name: str | None) -> str:
-    state = api_state(request)
-    if name is None:
-        return state.served_model_names[0]
-    check_model(state, name)
-    return name
+def applied(spec: AblationSpec) -> AblationApplied:
+    return AblationApplied(**applied_json(spec))
 
 
 def refusal_flags(text: str) -> dict[str, RefusalFlags]:
@@ -131,127 +131,70 @@ def refusal_flags(text: str) -> dict[str, RefusalFlags]:
     return flags
 
 
-def variant_label(spec: AblationSpec) -> str:
-    return "baseline" if not spec.active else f"strength {spec.strength:g}"
+@dataclass
+class ABRenderer:
+    """Each variant's result (the same object streamed and whole); the tagged SSE events."""
 
+    id: str
+    seed: int
+    variants: Variants
 
-def applied_header(specs: Sequence[AblationSpec]) -> str:
-    return ", ".join(describe_applied(spec) for spec in specs)
+    def result(self, output: ChoiceOutput) -> ABVariant:
+        spec = self.variants.specs[output.index]
+        return ABVariant(
+            label="baseline" if not spec.active else f"strength {spec.strength:g}",
+            ablation=applied(spec),
+            text=output.text,
+            token_ids=output.token_ids,
+            finish_reason=output.finish_reason,
+            prompt_tokens=len(self.variants.prompt_ids),
+            completion_tokens=len(output.token_ids),
+            latency_s=output.latency_s or 0.0,
+            first_token_s=output.first_token_s,
+            refusal=refusal_flags(output.text),
+        )
 
+    def whole(self, outputs: list[ChoiceOutput]) -> ABResponse:
+        finished = [self.result(o) for o in outputs if o.finish_reason is not None]
+        return ABResponse(id=self.id, model=self.variants.model, seed=self.seed, variants=finished)
 
-def prompt_ids_of(service: CompletionService, body: ABRequest | FirstTokenRequest) -> list[int]:
-    return service.chat_prompt_ids([message.model_dump() for message in body.messages])
+    def opening(self) -> list[str]:
+        variants = [applied(spec) for spec in self.variants.specs]
+        return [
+            sse(ABStreamStart(id=self.id, model=self.variants.model, variants=variants), "start")
+        ]
 
+    def piece(self, delta: Delta, output: ChoiceOutput) -> list[str]:
+        text = ABStreamDelta(variant=delta.index, text=delta.text)
+        events = [sse(text, "delta")] if delta.text else []
+        if delta.finish_reason is not None:
+            result = ABStreamResult(variant=delta.index, result=self.result(output))
+            events.append(sse(result, "result"))
+        return events
 
-def sampling_of(
-    service: CompletionService, body: ABRequest, prompt_ids: list[int]
-) -> SamplingOptions:
-    """One set of options for every variant (same seed): only the ablation differs."""
-    return SamplingOptions(
-        max_tokens=service.max_tokens_for(prompt_ids, body.max_tokens, "max_tokens"),
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop_token_ids=tuple(stop_token_ids(service.tokenizer)),
-    )
-
-
-async def comparison(
-    service: CompletionService,
-    prompt_ids: list[int],
-    sampling: SamplingOptions,
-    stop: list[str],
-    specs: list[AblationSpec],
-) -> AsyncIterator[ABStreamDelta | ABStreamResult]:
-    """Run all variants concurrently; yield text deltas as they come and each variant's result
-    as it finishes. Closing this iterator aborts every variant still running."""
-    started = time.perf_counter()
-    first_token: list[float | None] = [None] * len(specs)
-    outputs = [ChoiceOutput(index=i) for i in range(len(specs))]
-    streams = [
-        service.stream(prompt_ids, sampling, spec, stop=stop, index=i, endpoint="ab")
-        for i, spec in enumerate(specs)
-    ]
-    async with aclosing(merge(streams)) as deltas:
-        async for delta in deltas:
-            i = delta.index
-            if first_token[i] is None and delta.token_ids:
-                first_token[i] = time.perf_counter() - started
-            outputs[i].add(delta)
-            if delta.text:
-                yield ABStreamDelta(variant=i, text=delta.text)
-            if delta.finish_reason is not None:
-                yield ABStreamResult(
-                    variant=i,
-                    result=ABVariant(
-                        label=variant_label(specs[i]),
-                        ablation=AblationApplied(**applied_json(specs[i])),
-                        text=outputs[i].text,
-                        token_ids=outputs[i].token_ids,
-                        finish_reason=outputs[i].finish_reason,
-                        prompt_tokens=len(prompt_ids),
-                        completion_tokens=len(outputs[i].token_ids),
-                        latency_s=time.perf_counter() - started,
-                        first_token_s=first_token[i],
-                        refusal=refusal_flags(outputs[i].text),
-                    ),
-                )
-
-
-def event(name: str, payload: BaseModel | dict) -> str:
-    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"event: {name}\ndata: {data}\n\n"
+    def ending(self, outputs: list[ChoiceOutput], error: Exception | None) -> list[str]:
+        if error is not None:
+            return [sse({"message": str(error)}, "error")]
+        return [sse({}, "done")]
 
 
 @router.post("/v1/ab")
 async def ab(request: Request) -> Response:
     body = await parse_body(request, ABRequest)
+    variants = variants_of(request, body)
     service = api_state(request).service
-    model = served_model(request, body.model)
-    specs = resolve_variants(request, body.strengths, body.direction)
     # Every check runs before the first byte, so a bad prompt is a 400 even when streaming.
-    prompt_ids = prompt_ids_of(service, body)
-    sampling = sampling_of(service, body, prompt_ids)
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    request_id = f"ab-{uuid.uuid4().hex}"
-    headers = {APPLIED_HEADER: applied_header(specs)}
-    variants = comparison(service, prompt_ids, sampling, stop, specs)
-
-    if body.stream:
-
-        async def events() -> AsyncIterator[str]:
-            start = ABStreamStart(
-                id=request_id,
-                model=model,
-                variants=[AblationApplied(**applied_json(spec)) for spec in specs],
-            )
-            yield event("start", start)
-            try:
-                async with aclosing(variants) as items:
-                    async for item in items:
-                        yield event("delta" if isinstance(item, ABStreamDelta) else "result", item)
-            except (EngineError, ApiError) as error:
-                yield event("error", {"message": str(error)})
-                return
-            yield event("done", {})
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-    async def collect() -> list[ABVariant]:
-        results: list[ABVariant | None] = [None] * len(specs)
-        async with aclosing(variants) as items:
-            async for item in items:
-                if isinstance(item, ABStreamResult):
-                    results[item.variant] = item.result
-        return [result for result in results if result is not None]
-
-    response = ABResponse(
-        id=request_id,
-        model=model,
-        seed=body.seed,
-        variants=await collect(),
+    max_tokens = service.max_tokens_for(variants.prompt_ids, body.max_tokens)
+    # One set of options for every variant (same seed): only the ablation differs.
+    sampling = service.sampling(
+        max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
     )
-    return Response(response.model_dump_json(), media_type="application/json", headers=headers)
+    choices = [Choice(variants.prompt_ids, sampling, spec) for spec in variants.specs]
+    plan = Plan("ab", choices, len(variants.prompt_ids), variants.specs, body.stop)
+    renderer = ABRenderer(f"ab-{uuid.uuid4().hex}", body.seed, variants)
+    if body.stream:
+        return stream_response(plan, service, renderer)
+    return await respond(plan, service, renderer)
 
 
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -264,68 +207,64 @@ def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> float:
     return max(float(terms.sum()), 0.0)
 
 
-async def first_token_log_probs(
-    service: CompletionService, prompt_ids: list[int], spec: AblationSpec
-) -> torch.Tensor:
-    """The whole first-token log-probability vector (untempered) of one prompt at one
-    ablation, as one tensor straight from the engine."""
-    request = GenerationRequest(
-        request_id=uuid.uuid4().hex,
-        prompt_token_ids=prompt_ids,
-        sampling=SamplingOptions(
-            max_tokens=1, temperature=0.0, ignore_eos=True, full_distribution=True
-        ),
-        ablation=spec,
-    )
-    async with aclosing(checked(service.engine.generate(request))) as chunks:
-        async for chunk in chunks:
-            if chunk.distribution is not None:
-                return chunk.distribution
-    raise EngineError("the engine returned no distribution for the first token")
+@dataclass
+class FirstTokenRenderer:
+    """Each requested variant's first-token distribution (distinct ones ran once), its KL from
+    the baseline's and its top tokens."""
+
+    variants: Variants
+    distinct: list[AblationSpec]  # the plan's choices, in order
+    top_logprobs: int
+    tokenizer: object
+
+    def top(self, distribution: torch.Tensor) -> list[TokenProbability]:
+        values, ids = torch.topk(distribution, min(self.top_logprobs, distribution.numel()))
+        return [
+            TokenProbability(token=self.tokenizer.decode([t]), token_id=t, logprob=v)
+            for t, v in zip(ids.tolist(), values.tolist(), strict=True)
+        ]
+
+    def whole(self, outputs: list[ChoiceOutput]) -> FirstTokenResponse:
+        if any(o.distribution is None for o in outputs):
+            raise EngineError("the engine returned no distribution for the first token")
+        distributions = {
+            spec: o.distribution for spec, o in zip(self.distinct, outputs, strict=True)
+        }
+        baseline = distributions[self.variants.specs[0]]
+        return FirstTokenResponse(
+            id=f"ft-{uuid.uuid4().hex}",
+            model=self.variants.model,
+            prompt_tokens=len(self.variants.prompt_ids),
+            variants=[
+                FirstTokenVariant(
+                    ablation=applied(spec),
+                    kl_from_baseline=0.0
+                    if i == 0
+                    else kl_divergence(baseline, distributions[spec]),
+                    top=self.top(distributions[spec]),
+                )
+                for i, spec in enumerate(self.variants.specs)
+            ],
+        )
 
 
 @router.post("/v1/ab/first-token")
 async def first_token(request: Request) -> Response:
     """Bounded: each distinct variant runs once (``[0, 0, 0]`` is one engine request), each
     holds a concurrency slot while it runs (429 beyond the limit), non-zero strengths need
-    ablation rights like any request, and the KL is computed from tensors."""
+    ablation rights like any request, and the KL is computed from tensors: the engine returns
+    the whole (untempered) first-token log-probability vector as one tensor."""
     body = await parse_body(request, FirstTokenRequest)
+    variants = variants_of(request, body)
     service = api_state(request).service
-    model = served_model(request, body.model)
-    specs = resolve_variants(request, body.strengths, body.direction)
-    prompt_ids = prompt_ids_of(service, body)
-    service.max_tokens_for(prompt_ids, 1, "max_tokens")
-    distinct = list(dict.fromkeys(specs))
+    service.max_tokens_for(variants.prompt_ids, 1)
+    sampling = service.sampling(1, temperature=0.0, ignore_eos=True, full_distribution=True)
+    distinct = list(dict.fromkeys(variants.specs))
+    choices = [Choice(variants.prompt_ids, sampling, spec) for spec in distinct]
+    plan = Plan("first_token", choices, len(variants.prompt_ids), variants.specs)
+    renderer = FirstTokenRenderer(variants, distinct, body.top_logprobs, service.tokenizer)
     with request.state.slots.extra(len(distinct) - 1):
-        runs = asyncio.gather(*(first_token_log_probs(service, prompt_ids, s) for s in distinct))
-        distributions = dict(zip(distinct, await runs, strict=True))
-    baseline = distributions[specs[0]]
-
-    def top(distribution: torch.Tensor) -> list[TokenProbability]:
-        values, ids = torch.topk(distribution, min(body.top_logprobs, distribution.numel()))
-        return [
-            TokenProbability(token=service.tokenizer.decode([t]), token_id=t, logprob=v)
-            for t, v in zip(ids.tolist(), values.tolist(), strict=True)
-        ]
-
-    response = FirstTokenResponse(
-        id=f"ft-{uuid.uuid4().hex}",
-        model=model,
-        prompt_tokens=len(prompt_ids),
-        variants=[
-            FirstTokenVariant(
-                ablation=AblationApplied(**applied_json(spec)),
-                kl_from_baseline=0.0 if i == 0 else kl_divergence(baseline, distributions[spec]),
-                top=top(distributions[spec]),
-            )
-            for i, spec in enumerate(specs)
-        ],
-    )
-    return Response(
-        response.model_dump_json(),
-        media_type="application/json",
-        headers={APPLIED_HEADER: applied_header(specs)},
-    )
+        return await respond(plan, service, renderer)
 
 
 @router.get("/ab", include_in_schema=False)

@@ -21,8 +21,8 @@ class Message(BaseModel):
     content: str
 
 
-class ABRequest(BaseModel):
-    """One chat request, run at baseline (strength 0) and at each of ``strengths``."""
+class VariantsRequest(BaseModel):
+    """What the A/B and first-token requests share: a chat prompt and the variants to ask."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -30,6 +30,11 @@ class ABRequest(BaseModel):
     strengths: list[FiniteFloat] = Field(default=[1.0], min_length=1, max_length=MAX_VARIANTS)
     direction: str | None = None
     model: str | None = None
+
+
+class ABRequest(VariantsRequest):
+    """One chat request, run at baseline (strength 0) and at each of ``strengths``."""
+
     max_tokens: int = Field(default=128, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -89,15 +94,9 @@ class ABStreamResult(BaseModel):
     result: ABVariant
 
 
-class FirstTokenRequest(BaseModel):
+class FirstTokenRequest(VariantsRequest):
     """One chat prompt; the first-token distribution at baseline and at each strength."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    messages: list[Message] = Field(min_length=1)
-    strengths: list[FiniteFloat] = Field(default=[1.0], min_length=1, max_length=MAX_VARIANTS)
-    direction: str | None = None
-    model: str | None = None
     top_logprobs: int = Field(default=5, ge=0, le=100)  # shown for inspection, not used for KL
 
 

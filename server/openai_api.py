@@ -1,42 +1,40 @@
-"""``POST /v1/chat/completions`` and ``POST /v1/completions`` on the transformers engine: one
-request path for both.
+"""``POST /v1/chat/completions`` and ``POST /v1/completions`` on the transformers engine.
 
-A request becomes a :class:`Plan` (its prompts, each choice's sampling, the stop strings and the
-resolved ablation; every fact checked once, before the first byte, so errors are proper 4xx JSON
-even for streams). :func:`respond` runs the plan through the :class:`CompletionService` and a
-renderer (:class:`ChatRenderer` or :class:`CompletionRenderer`) shapes the pieces as the
-endpoint's OpenAI objects; one SSE routine serves both. Failures inside the engine while
-streaming become an OpenAI-style ``error`` event (the SDK raises it), followed by ``[DONE]``.
+Each request becomes a :class:`~abliserve.server.completions.Plan` (its prompts, each choice's
+sampling, the stop strings, the resolved ablation) and runs on the one request path of
+:mod:`abliserve.server.completions`; what differs between the two endpoints is how the plan is
+built and the renderer (:class:`ChatRenderer`, :class:`CompletionRenderer`) that shapes the
+pieces as the endpoint's OpenAI objects. Failures inside the engine while streaming become an
+OpenAI-style ``error`` event (the SDK raises it), followed by ``[DONE]``.
 (On the vLLM engine these routes are vLLM's own serving: :mod:`abliserve.server.vllm_surface`.)
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import ClassVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from abliserve.server.completions import (
+    Choice,
     ChoiceOutput,
     CompletionService,
     Delta,
-    collect,
-    merge,
-    stop_token_ids,
+    Plan,
+    respond,
+    sse,
+    stream_response,
 )
-from abliserve.server.engines.base import AblationSpec, EngineError, SamplingOptions, TokenLogprob
-from abliserve.server.errors import ApiError, bad_request, error_body
-from abliserve.server.policy import APPLIED_HEADER, applied_json, describe_applied
+from abliserve.server.engines.base import AblationSpec, SamplingOptions, TokenLogprob
+from abliserve.server.errors import bad_request, error_body
+from abliserve.server.policy import applied_json
 from abliserve.server.protocol import (
-    LOGIT_BIAS_RANGE,
     MAX_CHOICES,
     AblationApplied,
     AssistantMessage,
@@ -71,20 +69,14 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default
 def sampling_options(
     body: SamplingFields, service: CompletionService, max_tokens: int, logprobs: int | None
 ) -> SamplingOptions:
-    """The request's sampling, every control checked here against the model (token ids in the
-    vocabulary, ``min_tokens`` within ``max_tokens``), unset ones at vLLM's defaults."""
-    if body.min_tokens > max_tokens:
-        raise bad_request(
-            f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})",
-            "min_tokens",
-        )
-    eos = () if body.ignore_eos else tuple(stop_token_ids(service.tokenizer))
-    return SamplingOptions(
-        max_tokens=max_tokens,
+    """The request's sampling controls, unset ones at vLLM's defaults (the service checks
+    them against the model)."""
+    return service.sampling(
+        max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
-        stop_token_ids=eos + tuple(service.vocab_ids(body.stop_token_ids or [], "stop_token_ids")),
+        stop_token_ids=body.stop_token_ids or (),
         logprobs=logprobs,
         ignore_eos=body.ignore_eos,
         top_k=max(body.top_k or 0, 0),
@@ -92,116 +84,24 @@ def sampling_options(
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        logit_bias=logit_bias(body.logit_bias or {}, service),
+        logit_bias=body.logit_bias,
         min_tokens=body.min_tokens,
     )
 
 
-def logit_bias(raw: dict[str, float], service: CompletionService) -> dict[int, float]:
-    """OpenAI's ``{"token id": bias}`` as token ids in the vocabulary, biases in [-100, 100]."""
-    low, high = LOGIT_BIAS_RANGE
-    parsed = {}
-    for key, value in raw.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise bad_request(
-                f"logit_bias keys must be token ids, got {key!r}", "logit_bias"
-            ) from None
-        if not low <= value <= high:
-            raise bad_request(f"logit_bias values must lie in [{low}, {high}]", "logit_bias")
-        parsed[token] = value
-    service.vocab_ids(list(parsed), "logit_bias")
-    return parsed
-
-
-def choice_seed(sampling: SamplingOptions, index: int) -> SamplingOptions:
-    """Choice ``index`` of ``n`` draws from its own seed, so the choices differ but reproduce."""
-    return sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + index)
-
-
-def sse(payload: BaseModel | dict) -> str:
-    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"data: {data}\n\n"
-
-
-def token_text(tokenizer, token_id: int) -> str:
-    return tokenizer.decode([token_id])
-
-
-def chat_logprobs(tokenizer, logprobs: list[TokenLogprob]) -> ChatLogprobs:
-    def top(token_id: int, value: float) -> TopLogprob:
-        text = token_text(tokenizer, token_id)
-        return TopLogprob(token=text, logprob=value, bytes=list(text.encode()))
-
-    content = []
-    for item in logprobs:
-        text = token_text(tokenizer, item.token_id)
-        content.append(
-            ChatTokenLogprob(
-                token=text,
-                logprob=item.logprob,
-                bytes=list(text.encode()),
-                top_logprobs=[top(t, v) for t, v in item.top.items()],
-            )
-        )
-    return ChatLogprobs(content=content)
-
-
-def completion_logprobs(tokenizer, logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
-    tokens = [token_text(tokenizer, item.token_id) for item in logprobs]
-    offsets = []
-    for text in tokens:
-        offsets.append(offset)
-        offset += len(text)
-    return CompletionLogprobs(
-        tokens=tokens,
-        token_logprobs=[item.logprob for item in logprobs],
-        top_logprobs=[
-            {token_text(tokenizer, t): v for t, v in item.top.items()} for item in logprobs
-        ],
-        text_offset=offsets,
-    )
-
-
-async def guarded_events(
-    deltas: AsyncIterator[Delta],
-    render: Callable[[Delta], str | None],
-    tail: Callable[[], list[str]],
-) -> AsyncIterator[str]:
-    """Render deltas as SSE events; an engine failure becomes an ``error`` event; then the tail
-    (usage) and ``[DONE]``."""
-    try:
-        async with aclosing(deltas):
-            async for delta in deltas:
-                event = render(delta)
-                if event is not None:
-                    yield event
-    except (EngineError, ApiError) as error:
-        yield sse(error_body(error.status, str(error)))
-    for event in tail():
-        yield event
-    yield "data: [DONE]\n\n"
-
-
-# -- the plan: one request, checked -----------------------------------------------------------
-
-
-@dataclass
-class Plan:
-    """What one request will run: a (prompt ids, sampling) pair per choice, in choice order."""
-
-    endpoint: str  # "chat" or "completions", for metrics
-    choices: list[tuple[list[int], SamplingOptions]]
-    prompt_tokens: int  # each distinct prompt once, as OpenAI's usage counts them
-    stop: list[str]
-    ablation: AblationSpec
+def seeded_choices(
+    prompt_ids: list[int], sampling: SamplingOptions, n: int, ablation: AblationSpec
+) -> list[Choice]:
+    """``n`` choices of one prompt, each drawing from its own seed (when one is set), so the
+    choices differ but reproduce."""
+    seeds = [None if sampling.seed is None else sampling.seed + i for i in range(n)]
+    return [Choice(prompt_ids, replace(sampling, seed=seed), ablation) for seed in seeds]
 
 
 def chat_plan(
     body: ChatCompletionRequest, service: CompletionService, ablation: AblationSpec
 ) -> Plan:
-    """The chat template applied once; ``n`` choices of it, each with its own seed."""
+    """The chat template applied once; ``n`` choices of it."""
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     prompt_ids = service.chat_prompt_ids(
@@ -213,8 +113,8 @@ def chat_plan(
     )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     sampling = sampling_options(body, service, max_tokens, logprobs)
-    choices = [(prompt_ids, choice_seed(sampling, i)) for i in range(body.n)]
-    return Plan("chat", choices, len(prompt_ids), body.stop_strings(), ablation)
+    choices = seeded_choices(prompt_ids, sampling, body.n, ablation)
+    return Plan("chat", choices, len(prompt_ids), [ablation], body.stop)
 
 
 def completion_plan(
@@ -235,10 +135,9 @@ def completion_plan(
     choices = []
     for ids in prompts:
         budget = service.max_tokens_for(ids, requested, "max_tokens", "prompt")
-        sampling = replace(base, max_tokens=budget)
-        choices += [(ids, choice_seed(sampling, j)) for j in range(body.n)]
+        choices += seeded_choices(ids, replace(base, max_tokens=budget), body.n, ablation)
     prompt_tokens = sum(len(ids) for ids in prompts)
-    return Plan("completions", choices, prompt_tokens, body.stop_strings(), ablation)
+    return Plan("completions", choices, prompt_tokens, [ablation], body.stop)
 
 
 def completion_prompts(
@@ -257,9 +156,44 @@ def completion_prompts(
 # -- renderers: the endpoint's OpenAI objects ---------------------------------------------------
 
 
+def chat_logprobs(tokenizer, logprobs: list[TokenLogprob]) -> ChatLogprobs:
+    def entry(token_id: int, value: float) -> TopLogprob:
+        text = tokenizer.decode([token_id])
+        return TopLogprob(token=text, logprob=value, bytes=list(text.encode()))
+
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                **entry(item.token_id, item.logprob).model_dump(),
+                top_logprobs=[entry(t, v) for t, v in item.top.items()],
+            )
+            for item in logprobs
+        ]
+    )
+
+
+def completion_logprobs(tokenizer, logprobs: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    tokens = [tokenizer.decode([item.token_id]) for item in logprobs]
+    offsets = []
+    for text in tokens:
+        offsets.append(offset)
+        offset += len(text)
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[item.logprob for item in logprobs],
+        top_logprobs=[{tokenizer.decode([t]): v for t, v in item.top.items()} for item in logprobs],
+        text_offset=offsets,
+    )
+
+
 @dataclass
-class Meta:
-    """What every object of one response carries."""
+class OpenAIRenderer:
+    """What chat and text completions share: the usage, and the streaming rules (a chunk only
+    for a piece that carries something; the applied ablation on the first chunk and on each
+    choice's last; an engine failure as OpenAI's ``error`` event; the usage chunk when asked;
+    ``[DONE]``). Subclasses shape the endpoint's objects."""
+
+    chunk_type: ClassVar[type[ChatCompletionChunk] | type[CompletionResponse]]
 
     id: str
     created: int
@@ -267,180 +201,125 @@ class Meta:
     applied: AblationApplied
     logprobs: bool
     token_ids: bool
+    include_usage: bool
+    prompt_tokens: int
+    tokenizer: object
+    choices: int
+    sent_ablation: bool = False
 
+    def role_chunk(self) -> BaseModel | None:
+        return None
 
-class Renderer(Protocol):
-    """Shapes one endpoint's OpenAI objects; :func:`respond` and :func:`sse_events` do the rest."""
+    def chunk(self, delta: Delta, with_ablation: bool) -> BaseModel:
+        raise NotImplementedError
 
-    meta: Meta
+    def _object(self, choices: list, **extra) -> BaseModel:
+        return self.chunk_type(
+            id=self.id, created=self.created, model=self.model, choices=choices, **extra
+        )
 
-    def opening(self, n: int) -> BaseModel | None: ...
-    def piece(self, delta: Delta, with_ablation: bool) -> BaseModel: ...
-    def usage_chunk(self, usage: Usage) -> BaseModel: ...
-    def whole(self, outputs: list[ChoiceOutput], usage: Usage) -> BaseModel: ...
+    def usage(self, outputs: list[ChoiceOutput]) -> Usage:
+        tokens = sum(len(o.token_ids) for o in outputs)
+        total = self.prompt_tokens + tokens
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=tokens, total_tokens=total)
+
+    def opening(self) -> list[str]:
+        role = self.role_chunk()
+        self.sent_ablation = role is not None
+        return [] if role is None else [sse(role)]
+
+    def piece(self, delta: Delta, output: ChoiceOutput) -> list[str]:
+        if not (delta.text or delta.finish_reason or self.logprobs or self.token_ids):
+            return []
+        with_ablation = delta.finish_reason is not None or not self.sent_ablation
+        self.sent_ablation = True
+        return [sse(self.chunk(delta, with_ablation))]
+
+    def ending(self, outputs: list[ChoiceOutput], error: Exception | None) -> list[str]:
+        events = [sse(error_body(error.status, str(error)))] if error is not None else []
+        if self.include_usage:
+            usage = self._object([], usage=self.usage(outputs), ablation=self.applied)
+            events.append(sse(usage))
+        return [*events, "data: [DONE]\n\n"]
 
 
 @dataclass
-class ChatRenderer:
+class ChatRenderer(OpenAIRenderer):
     """``chat.completion`` and its chunks (which open with the assistant role)."""
 
-    meta: Meta
-    tokenizer: object
+    chunk_type = ChatCompletionChunk
 
-    def _chunk(self, choices: list[ChatChunkChoice], **extra) -> ChatCompletionChunk:
-        m = self.meta
-        return ChatCompletionChunk(
-            id=m.id, created=m.created, model=m.model, choices=choices, **extra
-        )
+    def _logprobs(self, logprobs: list[TokenLogprob]) -> ChatLogprobs | None:
+        return chat_logprobs(self.tokenizer, logprobs) if self.logprobs else None
 
-    def opening(self, n: int) -> BaseModel:
+    def role_chunk(self) -> BaseModel:
         """The assistant role for every choice, as OpenAI's first chunk."""
-        roles = [
-            ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-            for i in range(n)
-        ]
-        return self._chunk(roles, ablation=self.meta.applied)
+        delta = ChatDelta(role="assistant", content="")
+        roles = [ChatChunkChoice(index=i, delta=delta) for i in range(self.choices)]
+        return self._object(roles, ablation=self.applied)
 
-    def piece(self, delta: Delta, with_ablation: bool) -> BaseModel:
+    def chunk(self, delta: Delta, with_ablation: bool) -> BaseModel:
         choice = ChatChunkChoice(
             index=delta.index,
             delta=ChatDelta(content=delta.text),
-            logprobs=chat_logprobs(self.tokenizer, delta.logprobs) if self.meta.logprobs else None,
+            logprobs=self._logprobs(delta.logprobs),
             finish_reason=delta.finish_reason,
-            token_ids=delta.token_ids if self.meta.token_ids else None,
+            token_ids=delta.token_ids if self.token_ids else None,
         )
-        return self._chunk([choice], ablation=self.meta.applied if with_ablation else None)
+        return self._object([choice], ablation=self.applied if with_ablation else None)
 
-    def usage_chunk(self, usage: Usage) -> BaseModel:
-        return self._chunk([], usage=usage, ablation=self.meta.applied)
-
-    def whole(self, outputs: list[ChoiceOutput], usage: Usage) -> BaseModel:
-        m = self.meta
+    def whole(self, outputs: list[ChoiceOutput]) -> BaseModel:
         choices = [
             ChatChoice(
                 index=o.index,
                 message=AssistantMessage(content=o.text),
-                logprobs=chat_logprobs(self.tokenizer, o.logprobs) if m.logprobs else None,
+                logprobs=self._logprobs(o.logprobs),
                 finish_reason=o.finish_reason,
-                token_ids=o.token_ids if m.token_ids else None,
+                token_ids=o.token_ids if self.token_ids else None,
             )
             for o in outputs
         ]
         return ChatCompletionResponse(
-            id=m.id,
-            created=m.created,
-            model=m.model,
+            id=self.id,
+            created=self.created,
+            model=self.model,
             choices=choices,
-            usage=usage,
-            ablation=m.applied,
+            usage=self.usage(outputs),
+            ablation=self.applied,
         )
 
 
 @dataclass
-class CompletionRenderer:
+class CompletionRenderer(OpenAIRenderer):
     """``text_completion`` objects, whole or as chunks (logprob offsets run on per choice)."""
 
-    meta: Meta
-    tokenizer: object
+    chunk_type = CompletionResponse
     offsets: dict[int, int] = field(default_factory=dict)  # text offset per streamed choice
 
-    def _object(self, choices: list[CompletionChoice], **extra) -> CompletionResponse:
-        m = self.meta
-        return CompletionResponse(
-            id=m.id, created=m.created, model=m.model, choices=choices, **extra
-        )
-
-    def _choice(self, index, text, logprobs, finish, token_ids, offset) -> CompletionChoice:
+    def _choice(self, output: ChoiceOutput | Delta, offset: int) -> CompletionChoice:
+        logprobs = output.logprobs
         return CompletionChoice(
-            index=index,
-            text=text,
+            index=output.index,
+            text=output.text,
             logprobs=completion_logprobs(self.tokenizer, logprobs, offset)
-            if self.meta.logprobs
+            if self.logprobs
             else None,
-            finish_reason=finish,
-            token_ids=token_ids if self.meta.token_ids else None,
+            finish_reason=output.finish_reason,
+            token_ids=output.token_ids if self.token_ids else None,
         )
 
-    def opening(self, n: int) -> None:
-        return None  # text completions have no role chunk
-
-    def piece(self, delta: Delta, with_ablation: bool) -> BaseModel:
+    def chunk(self, delta: Delta, with_ablation: bool) -> BaseModel:
         offset = self.offsets.get(delta.index, 0)
         self.offsets[delta.index] = offset + len(delta.text)
-        choice = self._choice(
-            delta.index, delta.text, delta.logprobs, delta.finish_reason, delta.token_ids, offset
-        )
-        return self._object([choice], ablation=self.meta.applied if with_ablation else None)
+        choice = self._choice(delta, offset)
+        return self._object([choice], ablation=self.applied if with_ablation else None)
 
-    def usage_chunk(self, usage: Usage) -> BaseModel:
-        return self._object([], usage=usage, ablation=self.meta.applied)
-
-    def whole(self, outputs: list[ChoiceOutput], usage: Usage) -> BaseModel:
-        choices = [
-            self._choice(o.index, o.text, o.logprobs, o.finish_reason, o.token_ids, 0)
-            for o in outputs
-        ]
-        return self._object(choices, usage=usage, ablation=self.meta.applied)
+    def whole(self, outputs: list[ChoiceOutput]) -> BaseModel:
+        choices = [self._choice(o, 0) for o in outputs]
+        return self._object(choices, usage=self.usage(outputs), ablation=self.applied)
 
 
-# -- one request path --------------------------------------------------------------------------
-
-
-def usage(plan: Plan, completion_tokens: int) -> Usage:
-    return Usage(
-        prompt_tokens=plan.prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=plan.prompt_tokens + completion_tokens,
-    )
-
-
-async def respond(
-    plan: Plan, service: CompletionService, renderer: Renderer, stream: bool, include_usage: bool
-) -> Response:
-    """Run ``plan`` and answer: the whole response, or its pieces as server-sent events."""
-    streams = [
-        service.stream(
-            ids, sampling, plan.ablation, stop=plan.stop, index=i, endpoint=plan.endpoint
-        )
-        for i, (ids, sampling) in enumerate(plan.choices)
-    ]
-    header = {APPLIED_HEADER: describe_applied(plan.ablation)}
-    if stream:
-        events = sse_events(plan, renderer, streams, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream", headers=header)
-    # A client that leaves is cancelled by LimitsMiddleware, which aborts the engine requests.
-    outputs = await collect(streams)
-    tokens = sum(len(o.token_ids) for o in outputs)
-    whole = renderer.whole(outputs, usage(plan, tokens))
-    return JSONResponse(whole.model_dump(mode="json"), headers=header)
-
-
-async def sse_events(
-    plan: Plan, renderer: Renderer, streams: list, include_usage: bool
-) -> AsyncIterator[str]:
-    """The stream: an opening chunk where the endpoint has one, a chunk per piece (the applied
-    ablation on the first chunk and on each choice's last), the usage chunk if asked, [DONE]."""
-    meta = renderer.meta
-    opening = renderer.opening(len(plan.choices))
-    if opening is not None:
-        yield sse(opening)
-    sent_ablation = opening is not None
-    completion_tokens = 0
-
-    def render(delta: Delta) -> str | None:
-        nonlocal completion_tokens, sent_ablation
-        completion_tokens += len(delta.token_ids)
-        if not (delta.text or delta.finish_reason or meta.logprobs or meta.token_ids):
-            return None
-        with_ablation = delta.finish_reason is not None or not sent_ablation
-        sent_ablation = True
-        return sse(renderer.piece(delta, with_ablation))
-
-    def tail() -> list[str]:
-        return [sse(renderer.usage_chunk(usage(plan, completion_tokens)))] if include_usage else []
-
-    async for event in guarded_events(merge(streams), render, tail):
-        yield event
+# -- the routes ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -464,22 +343,22 @@ async def serve(request: Request, endpoint: Endpoint) -> Response:
     check_model(state, body.model)
     ablation = resolve_request_ablation(request, body.ablation)
     plan = endpoint.plan(body, state.service, ablation)
-    meta = Meta(
+    renderer = endpoint.renderer(
         id=f"{endpoint.id_prefix}-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=body.model,
         applied=AblationApplied(**applied_json(ablation)),
-        logprobs=wants_logprobs(body),
+        # chat asks with a flag; completions with a count, where 0 still means the chosen token's
+        logprobs=body.logprobs if isinstance(body.logprobs, bool) else body.logprobs is not None,
         token_ids=body.return_token_ids,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        prompt_tokens=plan.prompt_tokens,
+        tokenizer=state.service.tokenizer,
+        choices=len(plan.choices),
     )
-    renderer = endpoint.renderer(meta, state.service.tokenizer)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await respond(plan, state.service, renderer, body.stream, include_usage)
-
-
-def wants_logprobs(body: ChatCompletionRequest | CompletionRequest) -> bool:
-    """Chat asks with a flag; completions with a count, where 0 still means the chosen token's."""
-    return body.logprobs if isinstance(body.logprobs, bool) else body.logprobs is not None
+    if body.stream:
+        return stream_response(plan, state.service, renderer)
+    return await respond(plan, state.service, renderer)
 
 
 @router.post("/v1/chat/completions")

@@ -29,18 +29,22 @@ LOGIT_BIAS_RANGE = (-100.0, 100.0)
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64, as OpenAI documents; engines' RNGs take these
 
 
-def check_stop(stop: str | list[str] | None) -> str | list[str] | None:
-    """Bound ``stop``: a list of 60,000 strings once made every token of every choice cost
-    60,000 searches on the event loop, stalling the whole server."""
+def check_stop(stop: str | list[str] | None) -> list[str]:
+    """``stop`` in any of OpenAI's shapes as the list of (non-empty) stop strings, bounded: a
+    list of 60,000 strings once made every token of every choice cost 60,000 searches on the
+    event loop, stalling the whole server."""
     stops = [stop] if isinstance(stop, str) else stop or []
     if len(stops) > MAX_STOP_STRINGS:
         raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
     if sum(map(len, stops)) > MAX_STOP_CHARS:
         raise ValueError(f"the stop strings may hold at most {MAX_STOP_CHARS} characters together")
-    return stop
+    return [s for s in stops if s]
 
 
-StopStrings = Annotated[str | list[str] | None, AfterValidator(check_stop)]
+# What a client may send; what a validated request holds is always the list of stop strings.
+StopStrings = Annotated[
+    str | list[str] | None, AfterValidator(check_stop), Field(validate_default=True)
+]
 
 
 class AblationBody(BaseModel):
@@ -100,10 +104,6 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     min_tokens: int = Field(default=0, ge=0)
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
-
-    def stop_strings(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return [s for s in stops if s]
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -31,7 +31,7 @@ def test_chat_request_defaults_and_extensions():
     )
     assert request.messages[0].text() == "hi"
     assert request.ablation.strength == 0.5 and request.ablation.direction is None
-    assert request.n == 1 and request.stream is False and request.stop_strings() == []
+    assert request.n == 1 and request.stream is False and request.stop == []
 
 
 def test_fields_the_engine_cannot_honour_are_refused_not_ignored():
@@ -67,7 +67,7 @@ def test_stop_strings_normalised():
     request = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": "END"}
     )
-    assert request.stop_strings() == ["END"]
+    assert request.stop == ["END"]
 
 
 @pytest.mark.parametrize("prompt", ["text", [1, 2, 3], ["a", "b"], [[1], [2, 3]]])
