@@ -19,8 +19,9 @@ server asks the engine for the full distribution as one tensor, computes the KL 
 sends back the number (plus a few top tokens to look at). Its cost is bounded: distinct
 variants only, one concurrency slot per variant (docs/RELIABILITY.md).
 
-Each strength passes the same policy check as a chat request (:func:`resolve_ablation`): a key
-capped at 0.5 cannot get 1.0 through A/B. ``GET /ab`` serves the comparison page.
+Each strength is resolved and authorised as a chat request's ablation is
+(:func:`~abliserve.server.request_intake.resolve_request_ablation`): a key capped at 0.5 cannot
+get 1.0 through A/B. ``GET /ab`` serves the comparison page.
 """
 
 from __future__ import annotations
@@ -59,19 +60,13 @@ from abliserve.server.completions import (
 )
 from abliserve.server.engines.base import AblationSpec, EngineError
 from abliserve.server.errors import ApiError, bad_request, shown
-from abliserve.server.policy import (
-    DIRECTION_HEADER,
-    STRENGTH_HEADER,
-    AblationAsk,
-    applied_json,
-    resolve_ablation,
-)
-from abliserve.server.protocol import AblationApplied
+from abliserve.server.policy import STRENGTH_HEADER, applied_json
+from abliserve.server.protocol import AblationApplied, AblationBody
 from abliserve.server.request_intake import (
     api_state,
     check_model,
-    key_policy,
     parse_body,
+    resolve_request_ablation,
 )
 
 router = APIRouter()
@@ -104,14 +99,8 @@ def variants_of(request: Request, body: VariantsRequest) -> Variants:
             STRENGTH_HEADER,
         )
     specs = [
-        resolve_ablation(
-            AblationAsk(
-                header_direction=request.headers.get(DIRECTION_HEADER),
-                body_strength=strength,
-                body_direction=body.direction,
-            ),
-            state.policy,
-            key_policy(request),
+        resolve_request_ablation(
+            request, AblationBody.model_construct(strength=strength, direction=body.direction)
         )
         for strength in (0.0, *body.strengths)
     ]

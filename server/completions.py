@@ -1,18 +1,13 @@
-"""The one request path every generation route on abliserve's own engine path shares.
+"""The one request path of abliserve's own routes: plan, service, renderer.
 
-A route turns its request and resolved ablation into a :class:`Plan`: one :class:`Choice`
-(prompt token ids, sampling, ablation) per output, the stop strings and the prompt tokens to
-report. Every fact is checked while the plan is built, by :class:`CompletionService`, before
-the first byte is sent (so errors are proper 4xx JSON even for streams): the engine still
-serves, the context length and the token budget, token ids in the vocabulary, the sampling
-controls. :func:`respond` and :func:`stream_response` then run the plan through the service and
-hand what comes out to the route's renderer, which only shapes the endpoint's objects; the one
-SSE routine here frames them and turns an engine failure mid-stream into the renderer's error
-event.
-
-The service streams :class:`Delta` pieces per choice (UTF-8-safe text, token ids, logprobs,
-finish reason), aborts the engine request when a stop string ends it or the consumer goes away,
-and records metrics.
+A route turns its request and resolved ablation into a :class:`Plan` (one :class:`Choice` of
+prompt ids, sampling and ablation per output, the stop strings), and :class:`CompletionService`
+checks every fact of it once, while it is built and before the first byte is sent, so errors
+are proper 4xx JSON even for streams: the engine still serves, the context length and token
+budget, token ids in the vocabulary, the sampling controls. :func:`respond` and
+:func:`stream_response` run the plan's choices concurrently and hand the pieces to the route's
+renderer, which only shapes the endpoint's objects; the one SSE routine frames them and turns
+an engine failure mid-stream into the renderer's ending (an error event).
 """
 
 from __future__ import annotations

@@ -20,43 +20,36 @@ def ablation_label(active: bool) -> str:
 class ServerMetrics:
     def __init__(self, engine_stats: Callable[[], dict[str, float]]) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter(
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, labels, registry=self.registry)
+
+        def seconds(name: str, doc: str) -> Histogram:
+            return Histogram(
+                name, doc, ["ablation"], buckets=LATENCY_BUCKETS, registry=self.registry
+            )
+
+        self.requests = counter(
             "abliserve_requests",
             "Finished generation requests",
-            ["endpoint", "ablation", "finish_reason"],
-            registry=self.registry,
+            "endpoint",
+            "ablation",
+            "finish_reason",
         )
-        self.errors = Counter(
-            "abliserve_request_errors",
-            "Requests refused or failed, by HTTP status",
-            ["status"],
-            registry=self.registry,
+        self.errors = counter(
+            "abliserve_request_errors", "Requests refused or failed, by HTTP status", "status"
         )
-        self.prompt_tokens = Counter(
-            "abliserve_prompt_tokens",
-            "Prompt tokens processed",
-            ["ablation"],
-            registry=self.registry,
+        self.prompt_tokens = counter(
+            "abliserve_prompt_tokens", "Prompt tokens processed", "ablation"
         )
-        self.generation_tokens = Counter(
-            "abliserve_generation_tokens",
-            "Tokens generated",
-            ["ablation"],
-            registry=self.registry,
+        self.generation_tokens = counter(
+            "abliserve_generation_tokens", "Tokens generated", "ablation"
         )
-        self.latency = Histogram(
-            "abliserve_request_latency_seconds",
-            "Time from request to last token",
-            ["ablation"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.latency = seconds(
+            "abliserve_request_latency_seconds", "Time from request to last token"
         )
-        self.first_token = Histogram(
-            "abliserve_time_to_first_token_seconds",
-            "Time from request to first token",
-            ["ablation"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.first_token = seconds(
+            "abliserve_time_to_first_token_seconds", "Time from request to first token"
         )
         running = Gauge(
             "abliserve_requests_running", "Requests in the running batch", registry=self.registry
