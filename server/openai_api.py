@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import ClassVar
 
 from fastapi import APIRouter, Request
@@ -66,27 +66,19 @@ router = APIRouter()
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default
 
 
+# The request fields that are sampling options of the same name and meaning (vLLM's); the
+# token budget is checked against the context first.
+SAMPLING_CONTROLS = {f.name for f in fields(SamplingOptions)} & set(SamplingFields.model_fields)
+SAMPLING_CONTROLS.remove("max_tokens")
+
+
 def sampling_options(
     body: SamplingFields, service: CompletionService, max_tokens: int, logprobs: int | None
 ) -> SamplingOptions:
-    """The request's sampling controls, unset ones at vLLM's defaults (the service checks
-    them against the model)."""
-    return service.sampling(
-        max_tokens,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        seed=body.seed,
-        stop_token_ids=body.stop_token_ids or (),
-        logprobs=logprobs,
-        ignore_eos=body.ignore_eos,
-        top_k=max(body.top_k or 0, 0),
-        min_p=body.min_p or 0.0,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-        logit_bias=body.logit_bias,
-        min_tokens=body.min_tokens,
-    )
+    """The request's sampling controls; unset ones keep vLLM's defaults, and the service checks
+    them against the model."""
+    controls = body.model_dump(include=SAMPLING_CONTROLS, exclude_none=True)
+    return service.sampling(max_tokens, logprobs=logprobs, **controls)
 
 
 def seeded_choices(
