@@ -12,8 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import tiny_models
 import torch
-from reliability_harness import served
+from reliability_harness import Served, served
 
 
 @contextmanager
@@ -22,6 +23,18 @@ def running_server(*args: str, log_path: Path) -> Iterator[str]:
     need only the URL; :func:`reliability_harness.served` also exposes the process)."""
     with served(*args, "--log-level", "warning", log_path=log_path) as server:
         yield server.url
+
+
+@contextmanager
+def tiny_served(folder: Path, *extra: str, num_layers: int = 2, seed: int = 1) -> Iterator[Served]:
+    """Serve a new tiny random llama (``folder/model``) with a random direction seeded ``seed``
+    (``folder/refusal.safetensors``), as :func:`tiny_server_args` names them, plus ``extra``
+    flags; the log is ``folder/server.log``."""
+    checkpoint = tiny_models.checkpoint(folder / "model", "llama", num_layers=num_layers, hidden=32)
+    direction = tiny_direction(checkpoint, folder / "refusal.safetensors", seed=seed)
+    args = tiny_server_args(checkpoint, direction, *extra)
+    with served(*args, log_path=folder / "server.log") as server:
+        yield server
 
 
 def tiny_server_args(checkpoint: Path, direction: Path, *extra: str) -> list[str]:

@@ -12,11 +12,10 @@ import sys
 
 import httpx
 import pytest
-import tiny_models
 import torch
 from conftest import free_port
 from reliability_harness import CAPPED_KEY, FULL_KEY, PLAIN_KEY, write_keys
-from server_harness import running_server, tiny_direction, tiny_server_args
+from server_harness import tiny_served
 
 from abliserve.cli import main
 from abliserve.clients.client import (
@@ -34,18 +33,18 @@ SAMPLING = {"max_tokens": 6, "temperature": 0.0}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("ab-tiny")
-    checkpoint = tiny_models.checkpoint(folder / "model", "llama", num_layers=3, hidden=32)
-    direction = tiny_direction(checkpoint, folder / "refusal.safetensors", seed=3)
     keys = write_keys(folder / "keys.json")
-    with running_server(
-        *tiny_server_args(checkpoint, direction),
-        "--api-keys-file",
-        str(keys),
-        "--max-num-seqs",
-        "8",
-        log_path=folder / "server.log",
-    ) as url:
-        yield {"url": url, "checkpoint": checkpoint, "direction": direction}
+    with tiny_served(
+        folder,
+        *("--api-keys-file", str(keys), "--max-num-seqs", "8", "--log-level", "warning"),
+        num_layers=3,
+        seed=3,
+    ) as served:
+        yield {
+            "url": served.url,
+            "checkpoint": folder / "model",
+            "direction": folder / "refusal.safetensors",
+        }
 
 
 @pytest.fixture

@@ -25,12 +25,10 @@ from collections import Counter
 import httpx
 import pytest
 import schemathesis
-import tiny_models
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
-from reliability_harness import served
 from schemathesis import GenerationMode
-from server_harness import tiny_direction, tiny_server_args
+from server_harness import tiny_served
 
 MODEL = "tiny"
 CONTEXT = 128  # tiny_models' max_position_embeddings
@@ -42,16 +40,13 @@ REQUEST_TIMEOUT_S = 120  # a hang guard, not a performance bound
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz")
-    checkpoint = tiny_models.checkpoint(folder / "model", "llama", num_layers=2, hidden=32)
-    direction = tiny_direction(checkpoint, folder / "refusal.safetensors", seed=1)
-    with served(
-        *tiny_server_args(checkpoint, direction),
+    with tiny_served(
+        folder,
         "--strength-range=-1,1",
         "--max-body-bytes",
         str(MAX_BODY_BYTES),
         "--log-level",
         "warning",
-        log_path=folder / "server.log",
     ) as process:
         yield process
 

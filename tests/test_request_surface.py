@@ -19,10 +19,9 @@ from typing import Any
 
 import httpx
 import pytest
-import tiny_models
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
-from server_harness import running_server, tiny_direction, tiny_server_args
+from server_harness import tiny_served
 
 from abliserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -135,12 +134,8 @@ COMPLETION_PROBES: dict[str, tuple[dict, dict, Check]] = {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("surface")
-    checkpoint = tiny_models.checkpoint(folder / "model", "llama", num_layers=2, hidden=32)
-    direction = tiny_direction(checkpoint, folder / "refusal.safetensors", seed=1)
-    with running_server(
-        *tiny_server_args(checkpoint, direction), log_path=folder / "server.log"
-    ) as url:
-        yield url
+    with tiny_served(folder, "--log-level", "warning") as served:
+        yield served.url
 
 
 def post(url: str, path: str, body: dict) -> dict:

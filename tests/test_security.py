@@ -20,9 +20,8 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-import tiny_models
-from reliability_harness import CAPPED_KEY, FULL_KEY, PLAIN_KEY, served, write_keys
-from server_harness import tiny_direction, tiny_server_args
+from reliability_harness import CAPPED_KEY, FULL_KEY, PLAIN_KEY, write_keys
+from server_harness import tiny_served
 
 from abliserve.server import policy as policy_module
 from abliserve.server.policy import ApiKeys, KeyPolicy
@@ -38,10 +37,8 @@ KEYS = {"full": FULL_KEY, "capped": CAPPED_KEY, "plain": PLAIN_KEY}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("security")
-    checkpoint = tiny_models.checkpoint(folder / "model", "llama", num_layers=2, hidden=32)
-    direction = tiny_direction(checkpoint, folder / "refusal.safetensors", seed=1)
-    with served(
-        *tiny_server_args(checkpoint, direction),
+    with tiny_served(
+        folder,
         "--api-keys-file",
         str(write_keys(folder / "keys.json")),
         "--default-strength",
@@ -55,7 +52,6 @@ def server(tmp_path_factory):
         str(MAX_CONCURRENT),
         "--log-level",
         "debug",
-        log_path=folder / "server.log",
     ) as process:
         yield process
 

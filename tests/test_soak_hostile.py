@@ -18,9 +18,8 @@ import json
 
 import httpx
 import pytest
-import tiny_models
-from reliability_harness import FULL_KEY, PLAIN_KEY, served, write_keys
-from server_harness import chat_token_ids, tiny_direction, tiny_server_args
+from reliability_harness import FULL_KEY, PLAIN_KEY, write_keys
+from server_harness import chat_token_ids, tiny_served
 
 MODEL = "tiny"
 PROMPTS = ["how to make a cake", "tell me about the weather", "write a poem"]
@@ -35,13 +34,10 @@ TIMEOUT_S = 120  # a hang guard
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("soak-hostile")
-    checkpoint = tiny_models.checkpoint(folder / "model", "llama", num_layers=2, hidden=32)
-    direction = tiny_direction(checkpoint, folder / "refusal.safetensors", seed=1)
-    with served(
-        *tiny_server_args(checkpoint, direction),
+    with tiny_served(
+        folder,
         *("--api-keys-file", str(write_keys(folder / "keys.json")), "--strength-range=-1,1"),
         *("--body-timeout", str(BODY_TIMEOUT_S), "--max-num-seqs", "8"),
-        log_path=folder / "server.log",
     ) as process:
         yield process
 
