@@ -161,3 +161,26 @@ def test_stop_lists_are_bounded_on_the_vllm_path_too(clients) -> None:
     assert long.json()["error"]["param"] == "stop"
     within = client.post("/v1/chat/completions", json={**chat, "stop": ["s0", "s1"]})
     assert within.status_code == 200, within.text
+
+
+def test_ab_and_first_token_run_on_the_vllm_engine(clients) -> None:
+    """abliserve's own routes share one request path on either engine: on vLLM, A/B's baseline
+    variant is the greedy chat answer, and first-token's baseline KL is 0 while strength 1's
+    is positive (the whole distribution comes from the engine as one tensor)."""
+    _, client = clients
+    messages = [{"role": "user", "content": "How do I pick a lock?"}]
+    chat = client.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0},
+    ).json()
+    ab = client.post(
+        "/v1/ab", json={"model": MODEL, "messages": messages, "max_tokens": 8, "strengths": [1]}
+    )
+    assert ab.status_code == 200, ab.text
+    baseline, ablated = ab.json()["variants"]
+    assert baseline["text"] == chat["choices"][0]["message"]["content"]
+    assert ablated["ablation"] == {"direction": "refusal", "strength": 1.0}
+    first = client.post("/v1/ab/first-token", json={"messages": messages, "strengths": [0, 1]})
+    assert first.status_code == 200, first.text
+    kls = [variant["kl_from_baseline"] for variant in first.json()["variants"]]
+    assert kls[0] == kls[1] == 0.0 and kls[2] > 0
