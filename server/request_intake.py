@@ -20,6 +20,7 @@ from abliserve.server.policy import (
     STRENGTH_HEADER,
     AblationAsk,
     ApiKeys,
+    KeyPolicy,
     ServerPolicy,
     resolve_ablation,
 )
@@ -42,17 +43,21 @@ def api_state(request: Request) -> ApiState:
     return request.app.state.api
 
 
+def key_policy(request: Request) -> KeyPolicy:
+    """The caller's key policy, checked by the app's middleware before the body was read."""
+    return request.state.key_policy
+
+
 def resolve_request_ablation(request: Request, body: AblationBody | None) -> AblationSpec:
     """Header + body + key → the ablation this request gets (400/403 on bad or forbidden asks);
-    the one place every generating route resolves and authorises an ablation. The key's policy
-    was set by the guard middleware before the body was read."""
+    the one place every generating route resolves and authorises an ablation."""
     ask = AblationAsk(
         header_strength=request.headers.get(STRENGTH_HEADER),
         header_direction=request.headers.get(DIRECTION_HEADER),
         body_strength=body.strength if body else None,
         body_direction=body.direction if body else None,
     )
-    return resolve_ablation(ask, api_state(request).policy, request.state.key_policy)
+    return resolve_ablation(ask, api_state(request).policy, key_policy(request))
 
 
 def check_model(state: ApiState, name: str) -> None:
