@@ -238,6 +238,21 @@ def test_sampling_controls_follow_vllms_formulas() -> None:
     assert logits.tolist() == [2.0, -1.0, 0.5, 0.0]  # the raw logits stay for logprobs
 
 
+def test_a_penalty_near_zero_leaves_the_row_sampleable() -> None:
+    """repetition_penalty just above 0 (the field's bound) sends penalised positive logits to
+    +inf; the row must still sample (among those tokens), never fail with a NaN tensor."""
+    import torch
+
+    from abliserve.server.engines.base import SamplingOptions
+    from abliserve.server.engines.sampling import processed_logits, sample_token
+
+    options = SamplingOptions(max_tokens=4, repetition_penalty=1e-300, temperature=1.0, seed=0)
+    logits = processed_logits(torch.tensor([2.0, -1.0, 0.5, 3.0]), options, [0], [3], frozenset())
+    assert torch.isposinf(logits[[0, 3]]).all()
+    drawn = {sample_token(logits, options, torch.Generator().manual_seed(s)) for s in range(16)}
+    assert drawn == {0, 3}
+
+
 def test_unknown_field_message_names_it(server: str) -> None:
     answer = ask(server, "chat", {"tools": [{"type": "function", "function": {"name": "f"}}]})
     assert answer["error"]["param"] == "tools"

@@ -70,9 +70,15 @@ def sample_token(
     """Pick the next token from one row's processed logits [vocab] (float32)."""
     if options.temperature < torch.finfo(logits.dtype).tiny:  # 0, or 0 once in the logits' dtype
         return int(torch.argmax(logits))
-    # Shift before dividing: a tiny temperature then sends the others to -inf, never the top
-    # logit to +inf (inf - inf = NaN would make the row unsampleable).
-    probs = torch.softmax((logits - logits.max()) / options.temperature, dim=-1)
+    top = logits.max()
+    if torch.isposinf(top):
+        # A repetition penalty near 0 divides positive logits into +inf: those tokens tie, and
+        # inf - inf below would make the whole row NaN (unsampleable).
+        probs = (logits == top).to(logits.dtype)
+    else:
+        # Shift before dividing: a tiny temperature then sends the others to -inf, never the
+        # top logit to +inf.
+        probs = torch.softmax((logits - top) / options.temperature, dim=-1)
     if options.min_p > 0.0:
         probs = torch.where(probs < options.min_p * probs.max(), 0.0, probs)
     if 0 < options.top_k < probs.shape[-1]:
