@@ -275,7 +275,8 @@ def test_prefix_cache_is_shared_by_baseline_and_isolated_for_ablation(loop, engi
         results = []
         for i, spec in enumerate(sequence):
             request = _request(prompt, spec, f"cache-{skip_cache}-{i}")
-            params = engine.sampling_params(request)
+            with engine.holding(spec) as slot:
+                params = engine.sampling_params(request, slot)
             params.skip_reading_prefix_cache = skip_cache
             inputs = engine.prompt_inputs(request)  # the engine's own salting
             tokens, cached = [], 0

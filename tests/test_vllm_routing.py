@@ -178,9 +178,10 @@ def test_plugin_config_is_content_addressed_and_bounded(tmp_path):
     assert all(Path(e["path"]).is_file() for e in entries)
     other = vllm_plugin.plugin_config({"a": _artifact(2)}, tmp_path)
     assert other[vllm_plugin.CONFIG_KEY]["directions"][0]["sha256"] != entries[0]["sha256"]
-    too_many = {str(i): _artifact(0) for i in range(vllm_plugin.MAX_DIRECTIONS + 1)}
-    with pytest.raises(vllm_plugin.PluginError, match="at most"):
-        vllm_plugin.plugin_config(too_many, tmp_path)
+    assert first[vllm_plugin.CONFIG_KEY]["capacity"] == 32  # room for directions loaded later
+    too_many = {str(i): _artifact(0) for i in range(3)}
+    with pytest.raises(vllm_plugin.PluginError, match="at most 2"):
+        vllm_plugin.plugin_config(too_many, tmp_path, capacity=2)
 
 
 def test_missing_hook_point_fails_loudly_with_the_tested_versions():
