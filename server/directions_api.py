@@ -21,8 +21,9 @@ import asyncio
 import tempfile
 from pathlib import Path
 
-from fastapi import APIRouter, Request, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
 
 from abliserve.directions.artifact import ArtifactError, DirectionArtifact, load_artifact
 from abliserve.projection import site_layer
