@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -131,6 +132,40 @@ def test_slot_table_frees_a_removed_slot_only_after_its_last_holder():
             slots.reserve("c")
     assert slot == 1 and slots.holders(1) == 0
     assert slots.reserve("c") == 1
+
+
+def test_vllm_surface_holds_the_slot_until_the_answer_ends():
+    """vLLM's own chat/completions serving: the slot is held until a stream's last event (and
+    released at once for a whole answer)."""
+    pytest.importorskip("vllm")
+    from pydantic import BaseModel
+
+    from abliserve.server.vllm_surface import Recorder, render
+
+    class Answer(BaseModel):
+        choices: list = []
+
+    slots = DirectionSlots(["d"], capacity=1)
+    spec = AblationSpec("d", 1.0)
+
+    async def events():
+        yield 'data: {"choices": [{"index": 0, "delta": {"content": "x"}}]}\n\n'
+        yield "data: [DONE]\n\n"
+
+    hold = ExitStack()
+    hold.enter_context(slots.hold("d"))
+    stream = render(events(), spec, Recorder(None, "chat", spec), hold)
+    assert slots.holders(1) == 1
+
+    async def drain() -> list:
+        return [event async for event in stream.body_iterator]
+
+    assert len(asyncio.run(drain())) == 2
+    assert slots.holders(1) == 0
+    hold = ExitStack()
+    hold.enter_context(slots.hold("d"))
+    render(Answer(), spec, Recorder(None, "chat", spec), hold)
+    assert slots.holders(1) == 0
 
 
 # --- HTTP ----------------------------------------------------------------------------------
