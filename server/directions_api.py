@@ -35,6 +35,22 @@ from abliserve.server.request_intake import api_state, key_policy
 
 router = APIRouter()
 
+UPLOAD_BODY = {  # documented in /openapi.json; parsed by hand, after the admin check
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["name", "file"],
+                "properties": {
+                    "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"},
+                    "file": {"type": "string", "format": "binary"},
+                },
+            }
+        }
+    },
+}
+
 UPLOADED = "the uploaded artifact"
 ERROR_CODES = {400: "invalid_direction", 404: "direction_not_found", 409: "direction_conflict"}
 
@@ -92,7 +108,7 @@ async def list_directions(request: Request) -> DirectionList:
     )
 
 
-@router.post("/v1/directions", status_code=201)
+@router.post("/v1/directions", status_code=201, openapi_extra={"requestBody": UPLOAD_BODY})
 async def upload_direction(request: Request) -> JSONResponse:
     require_admin(request)
     name, data = await read_upload(request)
