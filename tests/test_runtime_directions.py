@@ -168,6 +168,19 @@ def test_vllm_surface_holds_the_slot_until_the_answer_ends():
     assert slots.holders(1) == 0
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-directions", "-1"], "--max-directions must be at least 0"),
+        (["--direction", "a b=x.safetensors"], "direction name 'a b' is invalid"),
+        (["--direction", "x.safetensors", "--max-directions", "0"], "--max-directions is 0"),
+    ],
+)
+def test_serve_checks_bank_flags_before_loading(flags, message, capsys):
+    assert cli_main(["serve", "--model", "/nonexistent", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 # --- HTTP ----------------------------------------------------------------------------------
 
 
