@@ -32,7 +32,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from abliserve.server.engines.base import AblationSpec
+from abliserve.server.engines.base import AblationSpec, HeldSlot
 from abliserve.server.engines.vllm_engine import VllmEngine
 from abliserve.server.engines.vllm_routing import EXTRA_ARGS_KEY, ablation_extra_args
 from abliserve.server.errors import ApiError, bad_request
@@ -126,15 +126,15 @@ def check_bounds(body: BaseModel, choices: int) -> None:
         )
 
 
-def carry_ablation(body: Any, ablation: AblationSpec, slot: int) -> None:
-    """Put ``ablation`` on a validated vLLM request: the worker's route (bank ``slot``, held by
-    the caller) in ``vllm_xargs`` (any client-sent value under abliserve's key is replaced, so
-    the key policy cannot be bypassed) and, for ablated requests, the prefix-cache salt (joined
-    with the client's own salt)."""
+def carry_ablation(body: Any, ablation: AblationSpec, held: HeldSlot) -> None:
+    """Put ``ablation`` on a validated vLLM request: the worker's route (the bank slot ``held``
+    by the caller) in ``vllm_xargs`` (any client-sent value under abliserve's key is replaced,
+    so the key policy cannot be bypassed) and, for ablated requests, the prefix-cache salt
+    (joined with the client's own salt)."""
     xargs = {k: v for k, v in (body.vllm_xargs or {}).items() if k != EXTRA_ARGS_KEY}
-    xargs.update(ablation_extra_args(slot, ablation.strength) or {})
+    xargs.update(ablation_extra_args(held.slot, ablation.strength) or {})
     body.vllm_xargs = xargs or None
-    salt = ablation.cache_salt()
+    salt = held.cache_salt
     if salt is not None:
         body.cache_salt = salt if body.cache_salt is None else f"{salt}:{body.cache_salt}"
 

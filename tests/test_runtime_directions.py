@@ -122,6 +122,22 @@ def test_engine_refuses_taken_names_foreign_artifacts_and_a_full_bank(engine, ar
         pass
 
 
+def test_a_name_loaded_again_never_shares_prefix_cache_salts(engine, artifacts):
+    """Prefix-cache salts name the load, not only the direction: K/V cached with a removed
+    direction must not be reused by another artifact loaded later under the same name."""
+    third = load_artifact(artifacts["third"])
+    salts = []
+    for _ in range(2):
+        asyncio.run(engine.add_direction("again", third))
+        with engine.holding(AblationSpec("again", 1.0)) as held:
+            salts.append((held.slot, held.cache_salt))
+        asyncio.run(engine.remove_direction("again"))
+    (slot, salt), (slot_again, salt_again) = salts
+    assert slot == slot_again and salt is not None and salt != salt_again
+    with engine.holding(BASELINE) as held:
+        assert (held.slot, held.cache_salt) == (0, None)
+
+
 def test_slot_table_frees_a_removed_slot_only_after_its_last_holder():
     slots = DirectionSlots(["a"], capacity=2)
     with slots.hold("a") as slot:

@@ -276,10 +276,10 @@ def test_prefix_cache_is_shared_by_baseline_and_isolated_for_ablation(loop, engi
         results = []
         for i, spec in enumerate(sequence):
             request = _request(prompt, spec, f"cache-{skip_cache}-{i}")
-            with engine.holding(spec) as slot:
-                params = engine.sampling_params(request, slot)
+            with engine.holding(spec) as held:
+                params = engine.sampling_params(request, held)
+                inputs = engine.prompt_inputs(request, held)  # the engine's own salting
             params.skip_reading_prefix_cache = skip_cache
-            inputs = engine.prompt_inputs(request)  # the engine's own salting
             tokens, cached = [], 0
             async for output in engine._llm.generate(inputs, params, request.request_id):
                 tokens += output.outputs[0].token_ids

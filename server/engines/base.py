@@ -36,16 +36,26 @@ class AblationSpec:
     def active(self) -> bool:
         return self.strength != 0.0 and self.direction is not None
 
-    def cache_salt(self) -> str | None:
+    def cache_salt(self, load: int = 0) -> str | None:
         """Prefix-cache salt: ablated K/V must never be shared with other (direction, strength)
-        pairs; baseline traffic returns None so it keeps sharing the cache."""
+        pairs, nor with an earlier direction loaded under the same name (``load`` tells the
+        loads apart); baseline traffic returns None so it keeps sharing the cache."""
         if not self.active:
             return None
-        key = f"abliserve:{self.direction}:{self.strength!r}"
+        key = f"abliserve:{self.direction}:{self.strength!r}:{load}"
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 BASELINE = AblationSpec(direction=None, strength=0.0)
+
+
+@dataclass(frozen=True)
+class HeldSlot:
+    """What a request holds while it runs: its direction's bank slot (0 for the baseline) and
+    the prefix-cache salt of its ablation."""
+
+    slot: int
+    cache_salt: str | None
 
 
 @dataclass(frozen=True)
@@ -118,7 +128,7 @@ class Engine(abc.ABC):
     The direction bank is allocated at ``max_directions`` slots when the engine starts;
     :meth:`add_direction` and :meth:`remove_direction` change which names map to which slots
     while it serves, writing values in place (never a new tensor), so nothing recompiles and
-    no request in flight sees a change (docs/ENGINES.md, "Loading directions at run time").
+    no request in flight sees a change (docs/ENGINES.md, "Loading directions while serving").
     """
 
     name: str
@@ -164,14 +174,14 @@ class Engine(abc.ABC):
         """Copy ``artifact`` into bank slot ``slot`` in place, wherever the bank lives."""
 
     @contextmanager
-    def holding(self, ablation: AblationSpec) -> Iterator[int]:
-        """The bank slot a request with ``ablation`` reads (0 for the baseline), held from
-        admission until the block ends; an unknown direction is a ValueError (400 upstream)."""
+    def holding(self, ablation: AblationSpec) -> Iterator[HeldSlot]:
+        """The bank slot a request with ``ablation`` reads, held from admission until the block
+        ends; an unknown direction is a ValueError (400 upstream)."""
         name = ablation.direction if ablation.active else None
         if name is not None and name not in self.directions:
             raise ValueError(f"unknown direction {name!r}")
         with self.direction_slots.hold(name) as slot:
-            yield slot
+            yield HeldSlot(slot, ablation.cache_salt(self.direction_slots.load_number(slot)))
 
     @property
     @abc.abstractmethod

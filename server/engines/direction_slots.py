@@ -63,6 +63,8 @@ class DirectionSlots:
             )
         self.capacity = capacity
         self._published = {name: slot for slot, name in enumerate(names, start=1)}
+        self._loads = {slot: slot for slot in self._published.values()}  # slot -> load number
+        self._load_count = len(names)
         self._holds: Counter[int] = Counter()
         self._retired: set[int] = set()  # removed, but still held by requests in flight
         self._reserved: set[int] = set()  # being written, not yet published
@@ -102,6 +104,13 @@ class DirectionSlots:
     def publish(self, name: str, slot: int) -> None:
         self._reserved.discard(slot)
         self._published[name] = slot
+        self._load_count += 1
+        self._loads[slot] = self._load_count
+
+    def load_number(self, slot: int) -> int:
+        """Which load wrote ``slot`` (a number never given twice; 0 for the baseline): what
+        tells apart two directions published under one name, one after the other."""
+        return self._loads.get(slot, 0)
 
     def unreserve(self, slot: int) -> None:
         self._reserved.discard(slot)

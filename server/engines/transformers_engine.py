@@ -203,8 +203,8 @@ class TransformersEngine(Engine):
         if self.model is None:
             raise EngineError("the engine is not running")
         self.check_request(request, self.vocab_size)
-        with self.holding(request.ablation) as slot:
-            async with aclosing(self._stream(request, slot)) as stream:
+        with self.holding(request.ablation) as held:
+            async with aclosing(self._stream(request, held.slot)) as stream:
                 async for chunk in stream:
                     yield chunk
 

@@ -33,6 +33,7 @@ from abliserve.server.engines.base import (
     EngineStoppedError,
     GenerationChunk,
     GenerationRequest,
+    HeldSlot,
     TokenLogprob,
 )
 from abliserve.server.engines.direction_slots import DEFAULT_MAX_DIRECTIONS
@@ -146,9 +147,9 @@ class VllmEngine(Engine):
         path = stage_artifact(artifact, self.stage_dir)
         await self.client.collective_rpc(WRITE_SLOT_METHOD, args=(str(path), slot))
 
-    def sampling_params(self, request: GenerationRequest, slot: int) -> Any:
-        """vLLM ``SamplingParams`` for one request, carrying its ablation (bank ``slot``, held by
-        the caller) in ``extra_args``."""
+    def sampling_params(self, request: GenerationRequest, held: HeldSlot) -> Any:
+        """vLLM ``SamplingParams`` for one request, carrying its ablation (the bank slot ``held``
+        by the caller) in ``extra_args``."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -170,18 +171,17 @@ class VllmEngine(Engine):
             min_tokens=options.min_tokens,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
-            extra_args=ablation_extra_args(slot, ablation.strength),
+            extra_args=ablation_extra_args(held.slot, ablation.strength),
         )
 
-    def prompt_inputs(self, request: GenerationRequest) -> Any:
+    def prompt_inputs(self, request: GenerationRequest, held: HeldSlot) -> Any:
         """vLLM ``TokensPrompt`` of one request, salted for ablated requests so their K/V never
-        share prefix-cache blocks with another (direction, strength)."""
+        share prefix-cache blocks with another (direction, strength) or another load."""
         from vllm.inputs import TokensPrompt
 
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
-        salt = request.ablation.cache_salt()
-        if salt is not None:
-            prompt["cache_salt"] = salt
+        if held.cache_salt is not None:
+            prompt["cache_salt"] = held.cache_salt
         return prompt
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
@@ -190,18 +190,18 @@ class VllmEngine(Engine):
         if (reason := self.stopped()) is not None:
             raise EngineStoppedError(reason)
         self.check_request(request, self._vocab_size)
-        with self.holding(request.ablation) as slot:
-            async with aclosing(self._stream(request, slot)) as stream:
+        with self.holding(request.ablation) as held:
+            async with aclosing(self._stream(request, held)) as stream:
                 async for chunk in stream:
                     yield chunk
 
     async def _stream(
-        self, request: GenerationRequest, slot: int
+        self, request: GenerationRequest, held: HeldSlot
     ) -> AsyncIterator[GenerationChunk]:
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        prompt = self.prompt_inputs(request)
-        params = self.sampling_params(request, slot)
+        prompt = self.prompt_inputs(request, held)
+        params = self.sampling_params(request, held)
         finished = False
         try:
             async for output in self._llm.generate(prompt, params, request.request_id):
