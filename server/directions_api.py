@@ -55,7 +55,9 @@ UPLOADED = "the uploaded artifact"
 ERROR_CODES = {400: "invalid_direction", 404: "direction_not_found", 409: "direction_conflict"}
 
 
-def direction_card(engine: Engine, name: str, artifact: DirectionArtifact, default: bool):
+def direction_card(
+    engine: Engine, name: str, artifact: DirectionArtifact, default: bool
+) -> DirectionCard:
     """The public description of one loaded direction."""
     slots = engine.direction_slots
     slot = slots.slot(name)
@@ -135,8 +137,11 @@ async def delete_direction(request: Request, name: str) -> dict:
     require_admin(request)
     policy = api_state(request).policy
     engine: Engine = request.app.state.engine
-    if name not in engine.directions:
-        raise ApiError(404, f"no direction named {shown(name)} is loaded", code=ERROR_CODES[404])
+    try:
+        slot = engine.direction_slots.slot(name)
+    except DirectionError:
+        message = f"no direction named {shown(name)} is loaded"
+        raise ApiError(404, message, code=ERROR_CODES[404]) from None
     if name == policy.default_direction:
         raise ApiError(
             409,
@@ -144,9 +149,11 @@ async def delete_direction(request: Request, name: str) -> dict:
             "removed while the server runs",
             code=ERROR_CODES[409],
         )
-    slot = engine.direction_slots.slot(name)
     policy.unpublish(name)
-    await engine.remove_direction(name)
+    try:
+        await engine.remove_direction(name)
+    except DirectionError as error:  # removed by a concurrent call meanwhile
+        raise direction_error(error, None) from None
     return {
         "id": name,
         "object": "direction",
