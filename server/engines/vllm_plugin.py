@@ -231,11 +231,13 @@ class SiteBank:
     def write(self, slot: int, artifact: DirectionArtifact) -> None:
         if not 1 <= slot < self.num_slots:
             raise PluginError(f"bank slot {slot} is outside 1..{self.num_slots - 1}")
-        for site, (directions, weights) in enumerate(
-            zip(self.directions, self.weights, strict=True)
-        ):
-            directions[slot].copy_(artifact.directions[site])
-            weights[slot].copy_(artifact.weights[site])
+        # Inference mode: vLLM may have built the bank under it, and its tensors then accept
+        # in-place writes only there (writes to ordinary tensors are allowed there too).
+        pairs = zip(self.directions, self.weights, strict=True)
+        with torch.inference_mode():
+            for site, (directions, weights) in enumerate(pairs):
+                directions[slot].copy_(artifact.directions[site])
+                weights[slot].copy_(artifact.weights[site])
 
 
 def install(runner: Any, config: dict[str, Any]) -> TokenRouting:
