@@ -119,20 +119,18 @@ def register() -> None:
     _check_version(vllm.__version__)
     _check_hook_points(GPUModelRunner)
     runner_classes: list[type] = [GPUModelRunner]
-    worker_classes: list[type] = [Worker]
     try:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-        from vllm.v1.worker.cpu_worker import CPUWorker
     except ImportError:  # a GPU-only build
         pass
     else:
         runner_classes.append(CPUModelRunner)
-        worker_classes.append(CPUWorker)
     for cls in runner_classes:
         if "load_model" in vars(cls):
             cls.load_model = _after_load(cls.load_model)
-    for cls in worker_classes:
-        setattr(cls, WRITE_SLOT_METHOD, write_slot)
+    # The GPU worker class, which the CPU worker subclasses. (Never import the CPU worker's
+    # module here: importing it replaces torch.cuda's streams and events with no-ops.)
+    setattr(Worker, WRITE_SLOT_METHOD, write_slot)
     GPUModelRunner._prepare_inputs = _before_prepare_inputs(GPUModelRunner._prepare_inputs)
     _refuse_v2_runner()
     _registered = True
