@@ -184,6 +184,21 @@ def test_vllm_surface_holds_the_slot_until_the_answer_ends():
     assert slots.holders(1) == 0
 
 
+def test_vllm_surface_carries_the_held_slot_and_its_salt():
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    from abliserve.server.engines.base import HeldSlot
+    from abliserve.server.vllm_surface import carry_ablation
+
+    body = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "cache_salt": "mine"}
+    )
+    carry_ablation(body, AblationSpec("d", 0.5), HeldSlot(slot=3, cache_salt="s"))
+    assert body.vllm_xargs == {"abliserve": {"slot": 3, "strength": 0.5}}
+    assert body.cache_salt == "s:mine"
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
