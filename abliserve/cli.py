@@ -42,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.set_defaults(handler=_demo_model)
-    directions_cli.register(commands)
+    directions = directions_cli.register(commands)
     server_cli.register(commands)
     clients_cli.register(commands)
+    clients_cli.register_server_directions(directions)
     return parser
 
 

@@ -12,17 +12,21 @@ from abliserve.architectures import add_writers_flag
 from abliserve.directions.errors import DirectionError
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add ``directions`` and ``export``; returns the ``directions`` actions, which the clients
+    extend with the actions on a running server (upload, list, delete)."""
     directions = commands.add_parser(
         "directions",
-        help="compute, inspect and evaluate refusal directions",
-        description="Compute, inspect and evaluate refusal directions.",
+        help="compute, inspect and evaluate refusal directions; load them into a running server",
+        description="Compute, inspect and evaluate refusal directions offline, and list, "
+        "upload and delete the directions of a running server.",
     )
     sub = directions.add_subparsers(dest="directions_command", required=True, metavar="ACTION")
     _register_compute(sub)
     _register_inspect(sub)
     _register_evaluate(sub)
     _register_export(commands)
+    return sub
 
 
 def _layer_list(text: str) -> list[int]:
