@@ -3,7 +3,9 @@
 Runs in heretic's own environment (bench/heretic/.venv), from the run's folder, so heretic's
 Settings read the same config.toml the run used:
 
-    cd WORK && ../bench/heretic/.venv/bin/python .../dump_front.py
+    cd WORK && .../bench/heretic/.venv/bin/python .../dump_front.py [front|directions]
+
+(the directions need no finished trial, so they can be written while heretic still runs).
 
 Writes into WORK:
   front.json                      heretic's Pareto front, selected exactly as heretic's menu
@@ -91,8 +93,7 @@ def trial_record(trial: FrozenTrial) -> dict:
     }
 
 
-def main() -> None:
-    settings = load_settings()
+def write_front(settings: Settings) -> None:
     trials = completed_trials(settings)
     front = pareto_front(trials)
     record = {
@@ -104,6 +105,9 @@ def main() -> None:
     with open("front.json", "w") as file:
         json.dump(record, file, indent=1)
     print(f"{len(trials)} completed trials, {len(front)} on the front")
+
+
+def write_directions(settings: Settings) -> None:
     started = time.perf_counter()
     directions = refusal_directions(settings)
     save_file({"refusal_directions": directions.contiguous()}, "refusal_directions.safetensors")
@@ -111,4 +115,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    step = sys.argv[1] if len(sys.argv) > 1 else "all"
+    settings = load_settings()
+    if step in ("front", "all"):
+        write_front(settings)
+    if step in ("directions", "all"):
+        write_directions(settings)

@@ -3,9 +3,8 @@
 # prompts (bench/heretic/prompts.py) and N trials; results in bench/RESULTS.md.
 #   bench/heretic/run_heretic.sh WORK_DIR N_TRIALS [N_STARTUP_TRIALS]
 # WORK_DIR gets config.toml, the prompt folders, heretic's Optuna journal (checkpoints/) and
-# heretic.log. heretic ends in an interactive menu (which trial to save): stdin is /dev/null,
-# so the menu gets no answer and heretic exits; the trials are read from the journal
-# (bench/heretic/front.py).
+# heretic.log. heretic ends in an interactive menu (which trial to save): the script stops it
+# there; the trials are read from the journal (bench/heretic/dump_front.py).
 #
 # Choices that differ from heretic's defaults, and why:
 #   row_normalization = "none"  heretic's default ("full") rescales each weight row after the
@@ -49,5 +48,12 @@ TOML
 cd "$WORK"
 start=$(date +%s)
 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    nice -n 10 "$HERE/.venv/bin/heretic" < /dev/null > "$WORK/heretic.log" 2>&1 || true
+    nice -n 10 "$HERE/.venv/bin/heretic" < /dev/null > "$WORK/heretic.log" 2>&1 &
+HERETIC=$!
+# After the last trial heretic opens its menu; stdin is /dev/null, but stop it either way.
+while kill -0 "$HERETIC" 2>/dev/null && ! grep -q "Optimization finished" "$WORK/heretic.log"; do
+    sleep 10
+done
+sleep 10
+kill "$HERETIC" 2>/dev/null || true
 echo "wall_seconds=$(( $(date +%s) - start ))" | tee "$WORK/wall.txt"
