@@ -12,7 +12,9 @@ from abliserve.architectures import add_writers_flag
 from abliserve.directions.errors import DirectionError
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add ``directions ...`` and ``export``; returns the ``directions`` actions, to which
+    layers above this one add theirs (``directions optimize`` needs the engines)."""
     directions = commands.add_parser(
         "directions",
         help="compute, inspect and evaluate refusal directions",
@@ -23,6 +25,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _register_inspect(sub)
     _register_evaluate(sub)
     _register_export(commands)
+    return sub
 
 
 def _layer_list(text: str) -> list[int]:
