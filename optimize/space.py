@@ -27,11 +27,13 @@ WRITER_KINDS = ("attention", "mlp")
 @dataclass(frozen=True)
 class SearchSpace:
     """What a trial may choose; ``estimators`` and ``max_rank`` narrow it (``--estimators``,
-    ``--max-rank``)."""
+    ``--max-rank``); ``can_filter`` is False when prompt filtering would leave a class empty
+    (a model that refuses none of the harmful prompts)."""
 
     num_layers: int
     estimators: tuple[Estimator, ...] = tuple(Estimator)
     max_rank: int = 16
+    can_filter: bool = True
 
     def suggest(self, trial: optuna.Trial) -> Candidate:
         last = self.num_layers - 1
@@ -56,7 +58,9 @@ class SearchSpace:
                 trial.suggest_categorical("estimator", [e.value for e in self.estimators])
             ),
             harmless_rank=trial.suggest_int("harmless_rank", 0, self.max_rank),
-            filter_prompts=trial.suggest_categorical("filter_prompts", [True, False]),
+            filter_prompts=trial.suggest_categorical(
+                "filter_prompts", [True, False] if self.can_filter else [False]
+            ),
             shape=AblationShape(
                 direction_index=None if per_layer == "per layer" else index,
                 attention=kernels["attention"],
@@ -93,6 +97,10 @@ class ArtifactBuilder:
         self.harmful, self.harmless = harmful, harmless
         self.identity, self.datasets = identity, datasets
         self._candidates = cache(self._directions)
+
+    def can_filter(self) -> bool:
+        """Whether prompt filtering leaves both classes some prompts."""
+        return bool((self.harmful.refusal > 0).any() and (self.harmless.refusal < 0).any())
 
     def _directions(self, estimator: Estimator, rank: int, filter_prompts: bool) -> torch.Tensor:
         harmful_rows, harmless_rows = behaviour_rows(self.harmful, self.harmless, filter_prompts)

@@ -133,13 +133,13 @@ def open_study(options: OptimizeOptions) -> optuna.Study:
 
 def requeue_unfinished(study: optuna.Study) -> None:
     """Trials a killed run left running are failed and their parameters asked again."""
-    for trial in study.get_trials(deep=False, states=(TrialState.RUNNING,)):
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(trial.number, state=TrialState.FAIL)
         study.enqueue_trial(trial.params, skip_if_exists=True)
 
 
 def completed(study: optuna.Study) -> list[FrozenTrial]:
-    return study.get_trials(deep=False, states=(TrialState.COMPLETE,))
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
 def optimize(options: OptimizeOptions) -> list[FrozenTrial]:
@@ -168,7 +168,9 @@ def optimize(options: OptimizeOptions) -> list[FrozenTrial]:
         options.activations_cache or options.study.with_suffix(".activations.pt"),
     )
     builder = ArtifactBuilder(harmful, harmless, identity, prompts.datasets(options))
-    space = SearchSpace(identity.num_layers, options.estimators, options.max_rank)
+    space = SearchSpace(
+        identity.num_layers, options.estimators, options.max_rank, builder.can_filter()
+    )
     if len(completed(study)) < options.trials:
         engine = create_engine(
             options.engine,
