@@ -44,9 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.set_defaults(handler=_demo_model)
-    optimize_cli.register(directions_cli.register(commands))
+    directions = directions_cli.register(commands)
+    optimize_cli.register(directions)
     server_cli.register(commands)
     clients_cli.register(commands)
+    clients_cli.register_server_directions(directions)
     return parser
 
 

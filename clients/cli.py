@@ -6,6 +6,7 @@ second to import), so ``abliserve --help`` stays instant."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from abliserve.clients import DEFAULT_SERVER
@@ -82,6 +83,44 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(handler=_eval)
 
 
+def register_server_directions(directions: argparse._SubParsersAction) -> None:
+    """``abliserve directions list|upload|delete``: the directions of a running server."""
+    listing = directions.add_parser(
+        "list",
+        help="list the directions a running server has loaded",
+        description="Print the directions a running abliserve server has loaded (GET "
+        "/v1/directions): name, bank slot, requests in flight using it, layers, and whether it "
+        "is the default.",
+    )
+    _add_server_arguments(listing)
+    listing.add_argument("--json", action="store_true", help="print the server's JSON as is")
+    listing.set_defaults(handler=_list_directions)
+    upload = directions.add_parser(
+        "upload",
+        help="load a direction artifact into a running server (admin key)",
+        description="Upload a direction artifact (.safetensors, from 'abliserve directions "
+        "compute') to a running server under NAME (POST /v1/directions). The server checks it "
+        "as at start-up (the model's weights fingerprint, shapes, finite unit rows) and copies "
+        "it into a free slot of its direction bank without a restart; requests may name it at "
+        'once. Needs an API key marked "admin": true in the server\'s --api-keys-file.',
+    )
+    upload.add_argument("name", help="the name requests will use (letters, digits, . _ -)")
+    upload.add_argument("artifact", help="the direction artifact file (.safetensors)")
+    _add_server_arguments(upload)
+    upload.set_defaults(handler=_upload_direction)
+    delete = directions.add_parser(
+        "delete",
+        help="remove a direction from a running server (admin key)",
+        description="Remove a direction from a running server (DELETE /v1/directions/NAME). "
+        "New requests naming it are refused at once; requests already running with it finish "
+        "with it, and its bank slot is reused only after them. The server's default direction "
+        "cannot be removed.",
+    )
+    delete.add_argument("name", help="the direction to remove")
+    _add_server_arguments(delete)
+    delete.set_defaults(handler=_delete_direction)
+
+
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
@@ -93,6 +132,44 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("ABLISERVE_API_KEY"),
         help="API key (default $ABLISERVE_API_KEY)",
     )
+
+
+def _list_directions(args: argparse.Namespace) -> int:
+    from abliserve.clients.client import AbliserveClient
+
+    with AbliserveClient(args.server, args.api_key) as client:
+        directions = client.directions()
+    for direction in directions:
+        if args.json:
+            print(json.dumps({"name": direction.name, **direction.details}))
+            continue
+        details = direction.details
+        default = " (default)" if details.get("default") else ""
+        print(
+            f"{direction.name}{default}: slot {details.get('slot')}, "
+            f"{details.get('in_flight', 0)} in flight, layers {details.get('layers')}"
+        )
+    return 0
+
+
+def _upload_direction(args: argparse.Namespace) -> int:
+    from abliserve.clients.client import AbliserveClient
+
+    with AbliserveClient(args.server, args.api_key) as client:
+        direction = client.upload_direction(args.name, args.artifact)
+    print(f"loaded {direction.name} into slot {direction.details.get('slot')}")
+    return 0
+
+
+def _delete_direction(args: argparse.Namespace) -> int:
+    from abliserve.clients.client import AbliserveClient
+
+    with AbliserveClient(args.server, args.api_key) as client:
+        in_flight = client.delete_direction(args.name)
+    print(
+        f"removed {args.name}" + (f" ({in_flight} request(s) finish with it)" if in_flight else "")
+    )
+    return 0
 
 
 def _ab(args: argparse.Namespace) -> int:

@@ -15,8 +15,9 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 import openai
@@ -177,6 +178,24 @@ class AbliserveClient:
             DirectionInfo(name=item["name"], details={k: v for k, v in item.items() if k != "name"})
             for item in payload.get("data", [])
         ]
+
+    def upload_direction(self, name: str, path: str | Path) -> DirectionInfo:
+        """Load the artifact at ``path`` into the running server as ``name`` (``POST
+        /v1/directions``, an admin key); requests may name it as soon as this returns."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise AbliserveError(f"cannot read direction artifact {path}: {error}") from None
+        files = {"file": (Path(path).name, data, "application/octet-stream")}
+        item = self._request("POST", "/v1/directions", data={"name": name}, files=files)
+        return DirectionInfo(
+            name=item["name"], details={k: v for k, v in item.items() if k != "name"}
+        )
+
+    def delete_direction(self, name: str) -> int:
+        """Remove a direction from the running server (``DELETE /v1/directions/{name}``, an
+        admin key); returns how many requests still in flight finish with it."""
+        return int(self._request("DELETE", f"/v1/directions/{quote(name, safe='')}")["in_flight"])
 
     # --- abliserve endpoints ---------------------------------------------------------------
 

@@ -13,12 +13,14 @@ from abliserve.directions.errors import DirectionError
 
 
 def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """Add ``directions ...`` and ``export``; returns the ``directions`` actions, to which
-    layers above this one add theirs (``directions optimize`` needs the engines)."""
+    """Add ``directions`` and ``export``; returns the ``directions`` actions, which the layers
+    above extend: the clients with the actions on a running server (upload, list, delete),
+    ``optimize`` with the search that needs the engines."""
     directions = commands.add_parser(
         "directions",
-        help="compute, inspect and evaluate refusal directions",
-        description="Compute, inspect and evaluate refusal directions.",
+        help="compute, inspect and evaluate refusal directions; load them into a running server",
+        description="Compute, inspect and evaluate refusal directions offline, and list, "
+        "upload and delete the directions of a running server.",
     )
     sub = directions.add_subparsers(dest="directions_command", required=True, metavar="ACTION")
     _register_compute(sub)

@@ -24,10 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
 from abliserve.errors import UserError
-from abliserve.projection import site_layer
 from abliserve.server.ab import router as ab_router
 from abliserve.server.accesslog import redact_access_log
 from abliserve.server.completions import CompletionService
+from abliserve.server.directions_api import router as directions_router
 from abliserve.server.engines import EngineOptions
 from abliserve.server.engines.base import EngineError
 from abliserve.server.engines.startup import start_engine
@@ -44,7 +44,7 @@ from abliserve.server.policy import (
     ApiKeys,
     ServerPolicy,
 )
-from abliserve.server.protocol import DirectionCard, DirectionList, ModelCard, ModelList
+from abliserve.server.protocol import ModelCard, ModelList
 from abliserve.server.request_intake import ApiState
 from abliserve.server.watchdog import watch_engine
 
@@ -141,6 +141,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.engine_death = None
     app.state.request_exit = None
     app.include_router(ab_router)  # /v1/ab, /v1/ab/first-token, the /ab page
+    app.include_router(directions_router)  # /v1/directions: list, load, remove
     document_request_bodies(app, config.served_model_names)
     keyed_paths = frozenset(
         path
@@ -220,30 +221,6 @@ def create_app(config: ServerConfig) -> FastAPI:
                 )
                 for name in config.served_model_names
             ]
-        )
-
-    @app.get("/v1/directions")
-    async def directions() -> DirectionList:
-        return DirectionList(
-            data=[
-                DirectionCard(
-                    name=name,
-                    default=name == config.policy.default_direction,
-                    model_id=artifact.model.model_id,
-                    layers=sorted(
-                        {
-                            site_layer(i)
-                            for i, w in enumerate(artifact.weights.tolist())
-                            if w != 0 and bool(artifact.directions[i].any())
-                        }
-                    ),
-                    method=artifact.method,
-                    scores=artifact.scores,
-                )
-                for name, artifact in config.directions.items()
-            ],
-            default_strength=config.policy.default_strength,
-            strength_range=config.policy.strength_range,
         )
 
     return app

@@ -29,7 +29,12 @@ def demo_direction_path() -> Path:
 def register(commands: argparse._SubParsersAction) -> None:
     from abliserve.architectures import add_writers_flag
     from abliserve.server.engines import ENGINE_CHOICES
-    from abliserve.server.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_REQUESTS
+    from abliserve.server.engines.direction_slots import DEFAULT_MAX_DIRECTIONS
+    from abliserve.server.limits import (
+        DEFAULT_MAX_BODY_BYTES,
+        DEFAULT_MAX_CONCURRENT_REQUESTS,
+        DEFAULT_MAX_UPLOAD_BYTES,
+    )
 
     serve = commands.add_parser(
         "serve",
@@ -87,7 +92,25 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--api-keys-file",
         type=Path,
         metavar="PATH",
-        help='JSON or TOML: {"keys": {"<key>": {"allow_ablation": bool, "max_strength": float}}}',
+        help='JSON or TOML: {"keys": {"<key>": {"allow_ablation": bool, "max_strength": float, '
+        '"directions": [names], "admin": bool}}}; an admin key may load and remove directions '
+        "while the server runs (POST/DELETE /v1/directions)",
+    )
+    serve.add_argument(
+        "--max-directions",
+        type=int,
+        default=DEFAULT_MAX_DIRECTIONS,
+        metavar="N",
+        help="direction bank slots, for --direction and directions loaded at run time "
+        f"(default {DEFAULT_MAX_DIRECTIONS}; 0 on the vLLM engine: plain vLLM, no ablation)",
+    )
+    serve.add_argument(
+        "--max-direction-bytes",
+        type=int,
+        default=DEFAULT_MAX_UPLOAD_BYTES,
+        metavar="N",
+        help="largest direction upload accepted by POST /v1/directions "
+        f"(default {DEFAULT_MAX_UPLOAD_BYTES})",
     )
     serve.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
     serve.add_argument(
@@ -296,6 +319,7 @@ def build_config(args: argparse.Namespace):
     from abliserve.models import resolve_model
     from abliserve.server.app import ServerConfig
     from abliserve.server.engines import EngineOptions, resolve_engine_kind
+    from abliserve.server.engines.direction_slots import check_direction_name
     from abliserve.server.guard import allowed_hosts
     from abliserve.server.limits import RequestLimits
     from abliserve.server.policy import ServerPolicy, load_keys
@@ -309,6 +333,14 @@ def build_config(args: argparse.Namespace):
     names = [name for name, _ in specs]
     if len(set(names)) != len(names):
         raise UserError(f"--direction names must be unique, got {names}")
+    for name in names:
+        check_direction_name(name)
+    if args.max_directions < 0:
+        raise UserError(f"--max-directions must be at least 0, got {args.max_directions}")
+    if len(names) > args.max_directions:
+        raise UserError(
+            f"{len(names)} --direction(s) given but --max-directions is {args.max_directions}"
+        )
     if args.max_num_seqs < 1:
         raise UserError("--max-num-seqs must be at least 1")
     if args.max_model_len is not None and args.max_model_len < 2:
@@ -316,6 +348,7 @@ def build_config(args: argparse.Namespace):
     for flag, value in (
         ("--max-body-bytes", args.max_body_bytes),
         ("--max-concurrent-requests", args.max_concurrent_requests),
+        ("--max-direction-bytes", args.max_direction_bytes),
     ):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
@@ -349,12 +382,14 @@ def build_config(args: argparse.Namespace):
             max_num_seqs=args.max_num_seqs,
             dtype=args.dtype,
             writers=args.writers,
+            max_directions=args.max_directions,
             vllm=vllm_options(args, engine),
         ),
         limits=RequestLimits(
             max_body_bytes=args.max_body_bytes,
             max_concurrent_requests=args.max_concurrent_requests,
             body_timeout_s=args.body_timeout,
+            max_upload_bytes=args.max_direction_bytes,
         ),
         metrics_require_key=args.metrics_require_key,
         health_require_key=args.health_require_key,

@@ -12,7 +12,9 @@ sent (uvicorn sends it on the first read). In order:
 * a POST body must be declared ``application/json`` (415). Browsers send other types to any
   origin without asking (a CORS "simple request"); JSON only after a preflight, which this
   server answers only for ``--allowed-origins``. So a page the user visits cannot make a local,
-  key-less server generate.
+  key-less server generate. The one exception is a direction upload (``multipart/form-data``
+  to ``/v1/directions``): that route serves admin keys only, and a browser sends an
+  ``Authorization`` header only after a preflight too.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from abliserve.server.errors import ApiError
+from abliserve.server.limits import UPLOAD_PATH
 from abliserve.server.policy import ApiKeys
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_BINDS = frozenset({"0.0.0.0", "::", ""})
 ANY_HOST = "*"
 JSON_MEDIA_TYPE = "application/json"
+UPLOAD_MEDIA_TYPE = "multipart/form-data"
 
 
 def allowed_hosts(bind: str, extra: list[str]) -> frozenset[str] | None:
@@ -90,7 +94,8 @@ class GuardMiddleware:
             )
         if scope["method"] == "POST":
             media_type = headers.get(b"content-type", "").split(";", 1)[0].strip().lower()
-            if media_type != JSON_MEDIA_TYPE:
+            upload = path == UPLOAD_PATH and media_type == UPLOAD_MEDIA_TYPE
+            if media_type != JSON_MEDIA_TYPE and not upload:
                 raise ApiError(
                     415,
                     f"POST bodies must be sent as Content-Type: {JSON_MEDIA_TYPE}",

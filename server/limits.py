@@ -5,12 +5,13 @@ A pure ASGI middleware (not ``BaseHTTPMiddleware``) so it sees the raw body stre
 whole life of a streaming response. It runs inside :mod:`abliserve.server.guard`, so only
 requests that passed the key check are counted or have their body read:
 
-* a body over ``max_body_bytes`` is refused from its ``Content-Length`` before a byte is read,
-  and a chunked body is cut off as soon as it grows past the limit, so a huge upload never sits
-  in memory or reaches JSON parsing or the tokenizer. The body (at most the limit) is read here
-  and handed to the app in one message; a body not complete within ``body_timeout_s`` is a 408,
-  so a client trickling bytes cannot hold a slot. Only POST bodies are read: the GET routes
-  take none, and reading one nobody asked for would only cost memory;
+* a body over ``max_body_bytes`` (``max_upload_bytes`` for direction uploads) is refused from
+  its ``Content-Length`` before a byte is read, and a chunked body is cut off as soon as it
+  grows past the limit, so a huge upload never sits in memory or reaches JSON parsing or the
+  tokenizer. The body (at most the limit) is read here and handed to the app in one message; a
+  body not complete within ``body_timeout_s`` is a 408, so a client trickling bytes cannot hold
+  a slot. Only POST bodies are read: the GET routes take none, and reading one nobody asked
+  for would only cost memory;
 * at most ``max_concurrent_requests`` generation requests (POSTs under ``/v1/``) are in flight,
   counted from arrival until their last response byte (streams included); one more gets an
   immediate 429 instead of queueing without bound in the engine. Cheap GETs are never limited,
@@ -31,16 +32,23 @@ from abliserve.server.errors import ApiError
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024  # ~250k tokens of text, far beyond any context we serve
 DEFAULT_MAX_CONCURRENT_REQUESTS = 256
 DEFAULT_BODY_TIMEOUT_S = 30.0
+DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # a direction for an 80-layer, 8k-wide model: ~5 MB
+UPLOAD_PATH = "/v1/directions"  # the one route whose body is a file, not a JSON request
 
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """The ``serve`` flags ``--max-body-bytes``, ``--max-concurrent-requests`` and
-    ``--body-timeout``."""
+    """The ``serve`` flags ``--max-body-bytes``, ``--max-concurrent-requests``,
+    ``--body-timeout`` and ``--max-direction-bytes``."""
 
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES  # direction uploads (POST /v1/directions)
+
+    def body_limit(self, path: str) -> int:
+        """The largest body accepted on ``path``: direction uploads have their own limit."""
+        return self.max_upload_bytes if path == UPLOAD_PATH else self.max_body_bytes
 
 
 def body_too_large(limit: int) -> ApiError:
@@ -100,9 +108,10 @@ class LimitsMiddleware:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        limit = self.limits.body_limit(scope["path"])
         declared = _content_length(scope)
-        if declared is not None and declared > self.limits.max_body_bytes:
-            await self._reject(body_too_large(self.limits.max_body_bytes), scope, receive, send)
+        if declared is not None and declared > limit:
+            await self._reject(body_too_large(limit), scope, receive, send)
             return
         counted = scope["path"].startswith("/v1/")
         if counted and not self.slots.take():
@@ -114,7 +123,9 @@ class LimitsMiddleware:
             scope.setdefault("state", {})["slots"] = self.slots
         try:
             try:
-                body = await asyncio.wait_for(self._read_body(receive), self.limits.body_timeout_s)
+                body = await asyncio.wait_for(
+                    self._read_body(receive, limit), self.limits.body_timeout_s
+                )
             except _ClientLeft:
                 return  # nobody to answer
             except asyncio.TimeoutError:
@@ -126,7 +137,7 @@ class LimitsMiddleware:
                 await self._reject(timeout, scope, receive, send)
                 return
             if body is None:
-                await self._reject(body_too_large(self.limits.max_body_bytes), scope, receive, send)
+                await self._reject(body_too_large(limit), scope, receive, send)
                 return
             replayed = False
 
@@ -143,7 +154,7 @@ class LimitsMiddleware:
             if counted:
                 self.slots.give()
 
-    async def _read_body(self, receive) -> bytes | None:
+    async def _read_body(self, receive, limit: int) -> bytes | None:
         """The whole body, or None once it grows past the limit (reading stops there)."""
         parts: list[bytes] = []
         size = 0
@@ -153,7 +164,7 @@ class LimitsMiddleware:
                 raise _ClientLeft
             parts.append(message.get("body", b""))
             size += len(parts[-1])
-            if size > self.limits.max_body_bytes:
+            if size > limit:
                 return None
             if not message.get("more_body", False):
                 break

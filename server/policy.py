@@ -5,10 +5,11 @@ or in the body (``"ablation": {"strength": .., "direction": ..}``, the OpenAI SD
 ``extra_body``). Both may be present only if they agree. What is not said comes from the
 server's defaults: the operator's default strength (0 unless set) and the first loaded direction.
 
-API keys are optional. Each key carries a policy: whether it may ablate at all and up to what
-strength. An explicit request beyond its rights is refused (403); the server default is clipped
-to the key's rights instead, so a key without ablation rights simply gets the baseline model.
-Keys are compared in constant time and never appear in messages or logs.
+API keys are optional. Each key carries a policy: whether it may ablate at all, up to what
+strength, with which directions (an allowlist), and whether it may load and remove directions
+(``admin``). An explicit request beyond its rights is refused (403); the server default is
+clipped to the key's rights instead, so a key without ablation rights simply gets the baseline
+model. Keys are compared in constant time and never appear in messages or logs.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class KeyPolicy:
 
     allow_ablation: bool = True
     max_strength: float | None = None
+    directions: frozenset[str] | None = None  # the directions this key may use; None: any
+    admin: bool = False  # may load and remove directions (POST/DELETE /v1/directions)
+
+    def may_use(self, direction: str | None) -> bool:
+        return direction is None or self.directions is None or direction in self.directions
 
     def permits(self, strength: float, peak: float = 1.0) -> bool:
         if strength == 0:
@@ -60,16 +66,20 @@ class KeyPolicy:
 FULL_RIGHTS = KeyPolicy()
 
 
-@dataclass(frozen=True)
+@dataclass
 class ServerPolicy:
-    """The operator's ablation settings (``--default-strength``, ``--strength-range``)."""
+    """The operator's ablation settings (``--default-strength``, ``--strength-range``) and the
+    directions requests may name; directions loaded or removed while the server runs are
+    published here (:meth:`publish`, :meth:`unpublish`)."""
 
-    directions: tuple[str, ...]  # loaded direction names; the first is the default
+    directions: tuple[str, ...]  # loaded direction names; the first at start is the default
     default_strength: float = 0.0
     strength_range: tuple[float, float] = (0.0, 1.0)
     peaks: Mapping[str, float] = field(default_factory=dict)  # largest site weight (default 1)
+    default_direction: str | None = field(init=False)
 
     def __post_init__(self) -> None:
+        self.default_direction = self.directions[0] if self.directions else None
         low, high = self.strength_range
         if not (math.isfinite(low) and math.isfinite(high) and low <= high):
             raise UserError(
@@ -83,9 +93,16 @@ class ServerPolicy:
         if self.default_strength != 0 and not self.directions:
             raise UserError("--default-strength is non-zero but no --direction is loaded")
 
-    @property
-    def default_direction(self) -> str | None:
-        return self.directions[0] if self.directions else None
+    def publish(self, name: str, peak: float) -> None:
+        """A direction loaded at run time: requests may name it from now on."""
+        self.directions = (*self.directions, name)
+        self.peaks = {**self.peaks, name: peak}
+
+    def unpublish(self, name: str) -> None:
+        """A direction removed at run time: requests naming it are refused from now on (the
+        default direction cannot be removed; the caller checks)."""
+        self.directions = tuple(known for known in self.directions if known != name)
+        self.peaks = {known: peak for known, peak in self.peaks.items() if known != name}
 
     def peak(self, direction: str | None) -> float:
         """The factor from a strength to the effective strength of ``direction``."""
@@ -156,7 +173,8 @@ def resolve_ablation(ask: AblationAsk, server: ServerPolicy, key: KeyPolicy) -> 
     direction = direction or server.default_direction
     peak = server.peak(direction)
     if strength is None:
-        strength = key.clip(server.default_strength, peak)
+        # The server default as this key may receive it: none of a direction it may not use.
+        strength = key.clip(server.default_strength, peak) if key.may_use(direction) else 0.0
     else:
         low, high = server.strength_range
         if not low <= strength <= high:
@@ -177,6 +195,13 @@ def resolve_ablation(ask: AblationAsk, server: ServerPolicy, key: KeyPolicy) -> 
                 f"{reason} (asked for {strength})",
                 param="ablation.strength",
                 code="ablation_not_allowed",
+            )
+        if strength != 0 and not key.may_use(direction):
+            raise ApiError(
+                403,
+                f"this API key may not use the direction {shown(str(direction))}",
+                param="ablation.direction",
+                code="direction_not_allowed",
             )
     if strength == 0:
         return BASELINE
@@ -244,11 +269,41 @@ def check_key_text(key: str, where: str) -> None:
         raise UserError(f"{where} must be printable ASCII without spaces (the key is not shown)")
 
 
-def load_keys(plain_keys: list[str], keys_file: Path | None) -> ApiKeys:
-    """Keys from ``--api-key`` (full rights) and ``--api-keys-file`` (JSON or TOML)::
+KEY_FIELDS = ("allow_ablation", "max_strength", "directions", "admin")
 
-    {"keys": {"sk-ops": {"allow_ablation": true},
+
+def key_policy(entry: object, where: str) -> KeyPolicy:
+    """One keys-file entry as a :class:`KeyPolicy`, every field checked."""
+    if not isinstance(entry, dict) or set(entry) - set(KEY_FIELDS):
+        raise UserError(f"{where} must be a table with only {', '.join(KEY_FIELDS)}")
+    allow = entry.get("allow_ablation", True)
+    cap = entry.get("max_strength")
+    admin = entry.get("admin", False)
+    directions = entry.get("directions")
+    if not isinstance(allow, bool) or not (
+        cap is None or (isinstance(cap, int | float) and math.isfinite(cap) and cap >= 0)
+    ):
+        raise UserError(f"{where} needs allow_ablation true/false and max_strength a number >= 0")
+    if not isinstance(admin, bool):
+        raise UserError(f"{where}: admin must be true or false")
+    if directions is not None and not (
+        isinstance(directions, list) and all(isinstance(name, str) for name in directions)
+    ):
+        raise UserError(f"{where}: directions must be a list of direction names")
+    return KeyPolicy(
+        allow_ablation=allow,
+        max_strength=cap,
+        directions=None if directions is None else frozenset(directions),
+        admin=admin,
+    )
+
+
+def load_keys(plain_keys: list[str], keys_file: Path | None) -> ApiKeys:
+    """Keys from ``--api-key`` (full rights, not admin) and ``--api-keys-file`` (JSON or TOML)::
+
+    {"keys": {"sk-ops": {"allow_ablation": true, "admin": true},
               "sk-capped": {"allow_ablation": true, "max_strength": 0.5},
+              "sk-one": {"directions": ["refusal"]},
               "sk-plain": {"allow_ablation": false}}}
     """
     for number, key in enumerate(plain_keys, start=1):
@@ -270,20 +325,6 @@ def load_keys(plain_keys: list[str], keys_file: Path | None) -> ApiKeys:
     if not isinstance(entries, dict):
         raise UserError(f"--api-keys-file {keys_file} needs a 'keys' table mapping key -> policy")
     for number, (key, entry) in enumerate(entries.items(), start=1):
-        if not isinstance(entry, dict) or set(entry) - {"allow_ablation", "max_strength"}:
-            raise UserError(
-                f"--api-keys-file {keys_file}: entry {number} must have only allow_ablation "
-                "and max_strength"
-            )
-        allow = entry.get("allow_ablation", True)
-        cap = entry.get("max_strength")
-        if not isinstance(allow, bool) or not (
-            cap is None or (isinstance(cap, int | float) and math.isfinite(cap) and cap >= 0)
-        ):
-            raise UserError(
-                f"--api-keys-file {keys_file}: entry {number} needs allow_ablation true/false "
-                "and max_strength a number >= 0"
-            )
         check_key_text(str(key), f"--api-keys-file {keys_file}: key {number}")
-        policies[str(key)] = KeyPolicy(allow_ablation=allow, max_strength=cap)
+        policies[str(key)] = key_policy(entry, f"--api-keys-file {keys_file}: entry {number}")
     return ApiKeys(policies)

@@ -241,6 +241,8 @@ class DirectionCard(BaseModel):
     layers: list[int]
     method: dict
     scores: dict
+    slot: int | None = None  # its bank slot
+    in_flight: int | None = None  # requests in flight that use it
 
 
 class DirectionList(BaseModel):
@@ -248,3 +250,4 @@ class DirectionList(BaseModel):
     data: list[DirectionCard]
     default_strength: float
     strength_range: tuple[float, float]
+    max_directions: int | None = None  # bank capacity: loaded directions plus free slots

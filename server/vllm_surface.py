@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import ExitStack, aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +32,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from abliserve.server.engines.base import AblationSpec
+from abliserve.server.engines.base import AblationSpec, HeldSlot
 from abliserve.server.engines.vllm_engine import VllmEngine
 from abliserve.server.engines.vllm_routing import EXTRA_ARGS_KEY, ablation_extra_args
 from abliserve.server.errors import ApiError, bad_request
@@ -126,15 +126,15 @@ def check_bounds(body: BaseModel, choices: int) -> None:
         )
 
 
-def carry_ablation(body: Any, ablation: AblationSpec, slots: dict[str, int]) -> None:
-    """Put ``ablation`` on a validated vLLM request: the worker's route in ``vllm_xargs`` (any
-    client-sent value under abliserve's key is replaced, so the key policy cannot be bypassed)
-    and, for ablated requests, the prefix-cache salt (joined with the client's own salt)."""
-    slot = slots[ablation.direction] if ablation.active else 0
+def carry_ablation(body: Any, ablation: AblationSpec, held: HeldSlot) -> None:
+    """Put ``ablation`` on a validated vLLM request: the worker's route (the bank slot ``held``
+    by the caller) in ``vllm_xargs`` (any client-sent value under abliserve's key is replaced,
+    so the key policy cannot be bypassed) and, for ablated requests, the prefix-cache salt
+    (joined with the client's own salt)."""
     xargs = {k: v for k, v in (body.vllm_xargs or {}).items() if k != EXTRA_ARGS_KEY}
-    xargs.update(ablation_extra_args(slot, ablation.strength) or {})
+    xargs.update(ablation_extra_args(held.slot, ablation.strength) or {})
     body.vllm_xargs = xargs or None
-    salt = ablation.cache_salt()
+    salt = held.cache_salt
     if salt is not None:
         body.cache_salt = salt if body.cache_salt is None else f"{salt}:{body.cache_salt}"
 
@@ -162,15 +162,22 @@ async def serve(request: Request, endpoint: str) -> Response:
     prompts = getattr(body, "prompt", None)  # completions: one prompt or a batch of them
     batched = isinstance(prompts, list) and prompts and not isinstance(prompts[0], int)
     check_bounds(body, len(prompts) if batched else 1)
-    carry_ablation(body, ablation, target.engine.slots)
+    # The direction's bank slot is held until the answer's last byte (a stream's included), so
+    # a direction removed meanwhile never has its slot rewritten under this request.
+    hold = ExitStack()
+    carry_ablation(body, ablation, hold.enter_context(target.engine.holding(ablation)))
     serving = target.chat if endpoint == "chat" else target.completion
     create = serving.create_chat_completion if endpoint == "chat" else serving.create_completion
     record = Recorder(api_state(request).service.metrics, endpoint, ablation)
     try:
-        result = await create(body, request)
-    except (VLLMError, ValueError, TypeError, OverflowError, NotImplementedError) as error:
-        result = create_error_response(error)  # as ``vllm serve``'s exception handlers do
-    return render(result, ablation, record)
+        try:
+            result = await create(body, request)
+        except (VLLMError, ValueError, TypeError, OverflowError, NotImplementedError) as error:
+            result = create_error_response(error)  # as ``vllm serve``'s exception handlers do
+        response = render(result, ablation, record, hold.pop_all())
+    finally:
+        hold.close()
+    return response
 
 
 @router.post("/v1/chat/completions")
@@ -183,29 +190,32 @@ async def completions(request: Request) -> Response:
     return await serve(request, "completions")
 
 
-def render(result: Any, ablation: AblationSpec, record: Recorder) -> Response:
+def render(result: Any, ablation: AblationSpec, record: Recorder, hold: ExitStack) -> Response:
     """vLLM's answer with what was applied: an error as vLLM shaped it, a response with the
-    ``ablation`` field, a stream with it on the first and last chunk; the header on both."""
+    ``ablation`` field, a stream with it on the first and last chunk; the header on both.
+    ``hold`` (the bank slot) is released now, or when a stream ends."""
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     if isinstance(result, ErrorResponse):
+        hold.close()
         record.error(result.error.code)
         return JSONResponse(result.model_dump(), status_code=result.error.code)
     headers = {APPLIED_HEADER: describe_applied(ablation)}
     applied = applied_json(ablation)
     if isinstance(result, BaseModel):
+        hold.close()
         payload = result.model_dump(mode="json")
         record.tally(payload)
         record.finished()
         payload["ablation"] = applied
         return JSONResponse(payload, headers=headers)
     return StreamingResponse(
-        annotated(result, applied, record), media_type="text/event-stream", headers=headers
+        annotated(result, applied, record, hold), media_type="text/event-stream", headers=headers
     )
 
 
 async def annotated(
-    events: AsyncIterator[str], applied: dict, record: Recorder
+    events: AsyncIterator[str], applied: dict, record: Recorder, hold: ExitStack
 ) -> AsyncIterator[str]:
     """vLLM's SSE events, with ``ablation`` added to the first chunk and the last one before
     ``[DONE]`` (each event is ``data: <json>``; the last is held until the next arrives)."""
@@ -236,6 +246,7 @@ async def annotated(
         if held is not None:
             yield chunk_event(held, applied)
     finally:
+        hold.close()
         record.finished()
 
 

@@ -176,7 +176,9 @@ def test_load_keys_json_and_toml(tmp_path):
         "{broken",
         '{"keys": {"k": {"allow_ablation": "yes"}}}',
         '{"keys": {"k": {"max_strength": -1}}}',
-        '{"keys": {"k": {"admin": true}}}',
+        '{"keys": {"k": {"root": true}}}',
+        '{"keys": {"k": {"admin": "yes"}}}',
+        '{"keys": {"k": {"directions": "refusal"}}}',
     ],
 )
 def test_bad_key_files(tmp_path, content):
@@ -184,3 +186,31 @@ def test_bad_key_files(tmp_path, content):
     path.write_text(content)
     with pytest.raises(UserError):
         load_keys([], path)
+
+
+def test_key_file_admin_and_direction_allowlist(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text('{"keys": {"ops": {"admin": true}, "one": {"directions": ["other"]}}}')
+    policies = load_keys(["plain"], path).policies
+    assert policies["ops"] == KeyPolicy(admin=True)
+    assert policies["one"] == KeyPolicy(directions=frozenset({"other"}))
+    assert not policies["plain"].admin  # --api-key keys never manage directions
+
+
+def test_direction_allowlist_refuses_others_and_clips_the_default():
+    one = KeyPolicy(directions=frozenset({"other"}))
+    assert resolve(AblationAsk(body_direction="other", body_strength=1.0), key=one).active
+    error = refused(AblationAsk(body_direction="refusal", body_strength=1.0), key=one)
+    assert error.status == 403 and "'refusal'" in error.message
+    server = ServerPolicy(directions=("refusal", "other"), default_strength=1.0)
+    assert resolve(AblationAsk(), server, one) == BASELINE  # default direction not allowed
+
+
+def test_directions_published_at_run_time_resolve_and_the_default_stays():
+    server = ServerPolicy(directions=("refusal",))
+    server.publish("late", peak=2.0)
+    spec = resolve(AblationAsk(body_direction="late", body_strength=0.5), server)
+    assert spec == AblationSpec("late", 0.5) and server.peak("late") == 2.0
+    server.unpublish("late")
+    assert refused(AblationAsk(body_direction="late", body_strength=0.5), server).status == 400
+    assert server.default_direction == "refusal"

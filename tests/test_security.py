@@ -122,10 +122,28 @@ def served_routes(server) -> set[str]:
     return {path for path, item in schema["paths"].items() if "post" in item}
 
 
+ADMIN_ROUTES = {"/v1/directions"}  # loading directions: admin keys only (below)
+
+
 def test_every_generating_route_is_policy_checked(server) -> None:
     """Every POST route the server exposes is one this module checks the key policy on."""
-    unchecked = served_routes(server) - set(ROUTE_OF.values())
+    unchecked = served_routes(server) - set(ROUTE_OF.values()) - ADMIN_ROUTES
     assert not unchecked, f"routes without a key-policy test: {sorted(unchecked)}"
+
+
+@pytest.mark.parametrize("key", sorted(KEYS))
+def test_only_admin_keys_load_or_remove_directions(server, key) -> None:
+    auth = {"Authorization": f"Bearer {KEYS[key]}"}
+    loaded = httpx.post(
+        f"{server.url}/v1/directions",
+        data={"name": "late"},
+        files={"file": ("late.safetensors", b"x")},
+        headers=auth,
+        timeout=60,
+    )
+    assert_openai_error(loaded, 403, "admin_required")
+    removed = httpx.delete(f"{server.url}/v1/directions/refusal", headers=auth, timeout=60)
+    assert_openai_error(removed, 403, "admin_required")
 
 
 def live_asks(server) -> list[str]:

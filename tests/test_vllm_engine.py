@@ -35,6 +35,7 @@ from abliserve.server.engines.vllm_engine import VllmEngine
 # The bench's environment helper: engine processes read several variables when they start.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from loadgen import environment
+from runtime_loading import load_while_streaming, remove_while_streaming
 
 pytestmark = [pytest.mark.vllm, pytest.mark.real_model]
 
@@ -275,9 +276,10 @@ def test_prefix_cache_is_shared_by_baseline_and_isolated_for_ablation(loop, engi
         results = []
         for i, spec in enumerate(sequence):
             request = _request(prompt, spec, f"cache-{skip_cache}-{i}")
-            params = engine.sampling_params(request)
+            with engine.holding(spec) as held:
+                params = engine.sampling_params(request, held)
+                inputs = engine.prompt_inputs(request, held)  # the engine's own salting
             params.skip_reading_prefix_cache = skip_cache
-            inputs = engine.prompt_inputs(request)  # the engine's own salting
             tokens, cached = [], 0
             async for output in engine._llm.generate(inputs, params, request.request_id):
                 tokens += output.outputs[0].token_ids
@@ -356,3 +358,30 @@ def test_tensor_parallel_2_gives_the_tp1_tokens(
             loop, demo_checkpoint, directions, mixed_jobs(prompts), "tp2", **options
         )
     assert parallel == eager_mixed
+
+
+def test_loading_a_direction_mid_stream_changes_no_tokens(loop, engine, prompts, directions):
+    """Every worker copies the new direction into a free bank slot in place while requests
+    stream; their tokens equal an undisturbed run, and the direction loaded at run time gives
+    the tokens of the same artifact loaded at start."""
+    jobs = [(prompts[0], FULL), (prompts[1], BASELINE), (prompts[2], RANDOM)]
+    result = loop.run(
+        load_while_streaming(engine, jobs, "late", directions["random"], "random", TOKENS)
+    )
+    assert result.held_while_loading == [1, 0, 1]
+    assert result.disturbed == result.undisturbed
+    assert result.loaded == result.same_loaded_at_start
+    assert result.loaded != result.undisturbed[0]  # another direction: the check can fail
+
+
+def test_removed_direction_finishes_in_flight_and_its_slot_waits(loop, engine, prompts, directions):
+    result = loop.run(
+        remove_while_streaming(
+            engine, prompts[1], "temporary", directions["random"], directions["refusal"], TOKENS
+        )
+    )
+    assert result.disturbed == result.undisturbed
+    assert result.undisturbed != result.baseline
+    assert result.slot_of_next != result.removed_slot
+    assert (result.holders_after, result.slot_after_release) == (0, result.removed_slot)
+    assert sorted(engine.directions) == ["random", "refusal"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -178,9 +179,47 @@ def test_plugin_config_is_content_addressed_and_bounded(tmp_path):
     assert all(Path(e["path"]).is_file() for e in entries)
     other = vllm_plugin.plugin_config({"a": _artifact(2)}, tmp_path)
     assert other[vllm_plugin.CONFIG_KEY]["directions"][0]["sha256"] != entries[0]["sha256"]
-    too_many = {str(i): _artifact(0) for i in range(vllm_plugin.MAX_DIRECTIONS + 1)}
-    with pytest.raises(vllm_plugin.PluginError, match="at most"):
-        vllm_plugin.plugin_config(too_many, tmp_path)
+    assert first[vllm_plugin.CONFIG_KEY]["capacity"] == 32  # room for directions loaded later
+    too_many = {str(i): _artifact(0) for i in range(3)}
+    with pytest.raises(vllm_plugin.PluginError, match="at most 2"):
+        vllm_plugin.plugin_config(too_many, tmp_path, capacity=2)
+
+
+def test_runtime_writes_land_in_place_and_compiled_hooks_follow_them(tmp_path):
+    """A direction loaded while serving: the worker copies it into a free slot of every site's
+    bank tensor in place; the addresses never move, and code compiled before the write reads
+    the new values without recompiling (graph-safe, docs/ENGINES.md)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = _TinyVllmModel(layers=1)
+    config = vllm_plugin.plugin_config({"a": _artifact(0)}, tmp_path, capacity=2)
+    text_config = SimpleNamespace(hidden_size=HIDDEN, num_hidden_layers=1)
+    runner = SimpleNamespace(
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1),
+        model_config=SimpleNamespace(hf_text_config=text_config, model="tiny"),
+        get_model=lambda: model,
+        device=torch.device("cpu"),
+        max_num_tokens=8,
+    )
+    routing = vllm_plugin.install(runner, config[vllm_plugin.CONFIG_KEY])
+    assert routing.num_slots == 3  # capacity + the baseline slot
+    bank = runner.abliserve_bank
+    addresses = [tensor.data_ptr() for tensor in bank.directions + bank.weights]
+    counter = CompileCounterWithBackend("aot_eager")
+    embed = torch.compile(lambda ids: model.model.embed_tokens(ids), backend=counter)
+    ids = torch.tensor([3, 4, 5])
+    routing.fill([(2, 1.0)], np.array([3]))  # slot 2 is still free: zeros, a no-op
+    with torch.no_grad():
+        torch.testing.assert_close(embed(ids), model.model.embed_tokens.weight[ids])
+        late = _artifact(1)
+        path = vllm_plugin.stage_artifact(late, tmp_path)
+        vllm_plugin.write_slot(SimpleNamespace(model_runner=runner), str(path), 2)
+        expected = ablate(model.model.embed_tokens.weight[ids], late.directions[0], 1.0)
+        torch.testing.assert_close(embed(ids), expected)
+    assert counter.frame_count == 1
+    assert [tensor.data_ptr() for tensor in bank.directions + bank.weights] == addresses
+    with pytest.raises(vllm_plugin.PluginError, match="outside"):
+        vllm_plugin.write_slot(SimpleNamespace(model_runner=runner), str(path), 3)
 
 
 def test_missing_hook_point_fails_loudly_with_the_tested_versions():

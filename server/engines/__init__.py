@@ -17,6 +17,7 @@ from abliserve.architectures import WriterSpec
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
 from abliserve.errors import UserError
 from abliserve.server.engines.base import Engine
+from abliserve.server.engines.direction_slots import DEFAULT_MAX_DIRECTIONS
 
 ENGINE_CHOICES = ("auto", "vllm", "transformers")
 VLLM_ENGINE_MODULE = "abliserve.server.engines.vllm_engine"
@@ -30,6 +31,7 @@ class EngineOptions:
     max_num_seqs: int = 32
     dtype: str = "auto"
     writers: WriterSpec | None = None  # operator-named writers (--writers), else the rule
+    max_directions: int = DEFAULT_MAX_DIRECTIONS  # bank slots, for directions loaded later too
     # vLLM-only engine arguments given on the command line (tensor_parallel_size, ...).
     vllm: dict[str, Any] = field(default_factory=dict)
 

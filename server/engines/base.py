@@ -8,14 +8,21 @@ rows only, stream new tokens, and abort a request whose client went away.
 from __future__ import annotations
 
 import abc
+import asyncio
 import hashlib
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from abliserve.directions.artifact import DirectionArtifact, ModelIdentity
+from abliserve.server.engines.direction_slots import (
+    DEFAULT_MAX_DIRECTIONS,
+    DirectionSlots,
+    check_direction_name,
+)
 
 
 @dataclass(frozen=True)
@@ -29,16 +36,26 @@ class AblationSpec:
     def active(self) -> bool:
         return self.strength != 0.0 and self.direction is not None
 
-    def cache_salt(self) -> str | None:
+    def cache_salt(self, load: int = 0) -> str | None:
         """Prefix-cache salt: ablated K/V must never be shared with other (direction, strength)
-        pairs; baseline traffic returns None so it keeps sharing the cache."""
+        pairs, nor with an earlier direction loaded under the same name (``load`` tells the
+        loads apart); baseline traffic returns None so it keeps sharing the cache."""
         if not self.active:
             return None
-        key = f"abliserve:{self.direction}:{self.strength!r}"
+        key = f"abliserve:{self.direction}:{self.strength!r}:{load}"
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 BASELINE = AblationSpec(direction=None, strength=0.0)
+
+
+@dataclass(frozen=True)
+class HeldSlot:
+    """What a request holds while it runs: its direction's bank slot (0 for the baseline) and
+    the prefix-cache salt of its ablation."""
+
+    slot: int
+    cache_salt: str | None
 
 
 @dataclass(frozen=True)
@@ -106,15 +123,65 @@ class EngineStoppedError(EngineError):
 
 
 class Engine(abc.ABC):
-    """One model, several named directions, many concurrent requests."""
+    """One model, several named directions, many concurrent requests.
+
+    The direction bank is allocated at ``max_directions`` slots when the engine starts;
+    :meth:`add_direction` and :meth:`remove_direction` change which names map to which slots
+    while it serves, writing values in place (never a new tensor), so nothing recompiles and
+    no request in flight sees a change (docs/ENGINES.md, "Loading directions while serving").
+    """
 
     name: str
 
-    def __init__(self, identity: ModelIdentity, directions: dict[str, DirectionArtifact]) -> None:
+    def __init__(
+        self,
+        identity: ModelIdentity,
+        directions: dict[str, DirectionArtifact],
+        max_directions: int = DEFAULT_MAX_DIRECTIONS,
+    ) -> None:
         for direction_name, artifact in directions.items():
             artifact.check_fits(identity, artifact_name=f"direction {direction_name!r}")
         self.identity = identity
-        self.directions = directions
+        self.directions = dict(directions)  # the published directions, by name
+        self.max_directions = max_directions
+        self.direction_slots = DirectionSlots(directions, max_directions)
+        self._bank_lock = asyncio.Lock()  # one load or removal at a time
+
+    async def add_direction(self, name: str, artifact: DirectionArtifact) -> None:
+        """Load ``artifact`` under ``name`` while serving: checked as at start-up, copied into a
+        free slot (never one a request in flight still holds), then published."""
+        check_direction_name(name)
+        artifact.check_fits(self.identity, artifact_name=f"direction {name!r}")
+        async with self._bank_lock:
+            slot = self.direction_slots.reserve(name)
+            try:
+                await self._write_slot(slot, artifact)
+            except BaseException:
+                self.direction_slots.unreserve(slot)
+                raise
+            self.direction_slots.publish(name, slot)
+            self.directions[name] = artifact
+
+    async def remove_direction(self, name: str) -> None:
+        """Unpublish ``name`` now (new requests get "unknown direction"); requests admitted with
+        it finish with it, and its slot is reused only after the last of them."""
+        async with self._bank_lock:
+            self.direction_slots.unpublish(name)
+            del self.directions[name]
+
+    @abc.abstractmethod
+    async def _write_slot(self, slot: int, artifact: DirectionArtifact) -> None:
+        """Copy ``artifact`` into bank slot ``slot`` in place, wherever the bank lives."""
+
+    @contextmanager
+    def holding(self, ablation: AblationSpec) -> Iterator[HeldSlot]:
+        """The bank slot a request with ``ablation`` reads, held from admission until the block
+        ends; an unknown direction is a ValueError (400 upstream)."""
+        name = ablation.direction if ablation.active else None
+        if name is not None and name not in self.directions:
+            raise ValueError(f"unknown direction {name!r}")
+        with self.direction_slots.hold(name) as slot:
+            yield HeldSlot(slot, ablation.cache_salt(self.direction_slots.load_number(slot)))
 
     @property
     @abc.abstractmethod

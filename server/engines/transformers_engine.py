@@ -27,6 +27,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from abliserve.server.engines.base import (
     GenerationChunk,
     GenerationRequest,
 )
+from abliserve.server.engines.direction_slots import DEFAULT_MAX_DIRECTIONS
 from abliserve.server.engines.kv_batch import KVBatch, check_supported, sliding_window_limit
 from abliserve.server.engines.sampling import (
     make_generator,
@@ -71,6 +73,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 class _Pending:
     request: GenerationRequest
     emit: Emit
+    slot: int  # the bank slot of its direction, held until the request ends
 
 
 @dataclass
@@ -79,6 +82,7 @@ class _Row:
 
     request: GenerationRequest
     emit: Emit
+    slot: int
     generator: torch.Generator | None
     stop_ids: frozenset[int]
     position: int  # position id of last_token, the token the next decode step feeds
@@ -103,8 +107,9 @@ class TransformersEngine(Engine):
         device: str | None = None,
         attn_implementation: str = "eager",
         writers: WriterSpec | None = None,
+        max_directions: int = DEFAULT_MAX_DIRECTIONS,
     ) -> None:
-        super().__init__(identity, directions)
+        super().__init__(identity, directions, max_directions)
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
         self.checkpoint = Path(checkpoint)
@@ -118,7 +123,7 @@ class TransformersEngine(Engine):
         self.vocab_size = 0
         self.model: torch.nn.Module | None = None
         self.bank = DirectionBank.from_artifacts(
-            directions, len(site_names(identity.num_layers)), identity.hidden_size
+            directions, len(site_names(identity.num_layers)), identity.hidden_size, max_directions
         )
         self._eos_ids: frozenset[int] = frozenset()
         self._cond = threading.Condition()
@@ -165,6 +170,7 @@ class TransformersEngine(Engine):
         self._eos_ids = frozenset(eos)
         check_writers(model, self.writers)  # refuse to serve a model ablated inexactly
         self._hooks = AblationHooks(model, self.bank, self.writers)
+        self.bank = self._hooks.bank  # the copy on the model's device, which the hooks read
         self.model = model
 
     async def shutdown(self) -> None:
@@ -180,6 +186,11 @@ class TransformersEngine(Engine):
     def stopped(self) -> str | None:
         return self._death
 
+    async def _write_slot(self, slot: int, artifact: DirectionArtifact) -> None:
+        # The engine thread may be mid-forward: it reads only the slots of running rows, and a
+        # slot being written is held by none of them.
+        self.bank.write(slot, artifact)
+
     def stats(self) -> dict[str, float]:
         with self._cond:
             return {"running": float(len(self._rows)), "waiting": float(len(self._waiting))}
@@ -192,6 +203,14 @@ class TransformersEngine(Engine):
         if self.model is None:
             raise EngineError("the engine is not running")
         self.check_request(request, self.vocab_size)
+        with self.holding(request.ablation) as held:
+            async with aclosing(self._stream(request, held.slot)) as stream:
+                async for chunk in stream:
+                    yield chunk
+
+    async def _stream(
+        self, request: GenerationRequest, slot: int
+    ) -> AsyncIterator[GenerationChunk]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
 
@@ -204,7 +223,7 @@ class TransformersEngine(Engine):
             if request.request_id in self._active:
                 raise ValueError(f"request id {request.request_id!r} is already in flight")
             self._active.add(request.request_id)
-            self._waiting.append(_Pending(request, emit))
+            self._waiting.append(_Pending(request, emit, slot))
             self._cond.notify_all()
         finished = False
         try:
@@ -287,9 +306,9 @@ class TransformersEngine(Engine):
         with self._cond:
             self._active.discard(request_id)
 
-    def _set_ablation(self, requests: list[GenerationRequest]) -> None:
-        slots = [self.bank.slot(r.ablation.direction) if r.ablation.active else 0 for r in requests]
-        strengths = [r.ablation.strength if r.ablation.active else 0.0 for r in requests]
+    def _set_ablation(self, rows: list[_Pending] | list[_Row]) -> None:
+        slots = [row.slot for row in rows]
+        strengths = [row.request.ablation.strength if row.slot else 0.0 for row in rows]
         self._hooks.set_rows(torch.tensor(slots), torch.tensor(strengths))
 
     def _prefill(self, admitted: list[_Pending]) -> None:
@@ -306,7 +325,7 @@ class TransformersEngine(Engine):
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache()  # full-attention layers; sliding windows are capped, see above
         check_supported(cache)
-        self._set_ablation([p.request for p in admitted])
+        self._set_ablation(admitted)
         output = self.model(
             input_ids=input_ids.to(self.device),
             attention_mask=mask.to(self.device),
@@ -322,6 +341,7 @@ class TransformersEngine(Engine):
             row = _Row(
                 request=request,
                 emit=pending.emit,
+                slot=pending.slot,
                 generator=make_generator(request.sampling, self.device),
                 stop_ids=frozenset(request.sampling.stop_token_ids)
                 | (frozenset() if request.sampling.ignore_eos else self._eos_ids),
@@ -348,7 +368,7 @@ class TransformersEngine(Engine):
         input_ids = torch.tensor([[row.last_token] for row in self._rows], device=self.device)
         positions = torch.tensor([[row.position] for row in self._rows], device=self.device)
         mask = self._batch.extend_mask()
-        self._set_ablation([row.request for row in self._rows])
+        self._set_ablation(self._rows)
         output = self.model(
             input_ids=input_ids,
             attention_mask=mask,

@@ -6,11 +6,13 @@ both engines); vLLM gets token ids (``TokensPrompt``) and streams new token ids 
 the plugin of :mod:`abliserve.server.engines.vllm_plugin`; this module only
 
 * hands the plugin the direction bank (``additional_config``, also the compile-cache salt),
-* tags each request with its bank slot and strength (``SamplingParams.extra_args``), and
+* tags each request with its bank slot and strength (``SamplingParams.extra_args``),
 * salts the prefix cache for ablated requests (``AblationSpec.cache_salt()``): their K/V differ
-  from the baseline's, while baseline requests keep sharing cached prefixes.
+  from the baseline's, while baseline requests keep sharing cached prefixes, and
+* loads directions at run time: the artifact is staged on disk and every worker copies it into
+  a free bank slot in place (``collective_rpc``), between two engine steps.
 
-An engine built with no directions is plain vLLM: the plugin installs nothing.
+An engine built with ``max_directions=0`` is plain vLLM: the plugin installs nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +33,17 @@ from abliserve.server.engines.base import (
     EngineStoppedError,
     GenerationChunk,
     GenerationRequest,
+    HeldSlot,
     TokenLogprob,
 )
+from abliserve.server.engines.direction_slots import DEFAULT_MAX_DIRECTIONS
 from abliserve.server.engines.vllm_cpu_sizing import on_cpu, size_vllm_args
-from abliserve.server.engines.vllm_plugin import force_v1_runner, plugin_config
+from abliserve.server.engines.vllm_plugin import (
+    WRITE_SLOT_METHOD,
+    force_v1_runner,
+    plugin_config,
+    stage_artifact,
+)
 from abliserve.server.engines.vllm_routing import ablation_extra_args
 
 log = logging.getLogger(__name__)
@@ -67,10 +77,11 @@ class VllmEngine(Engine):
         kv_cache_memory_bytes: int | None = None,
         seed: int = 0,
         writers: WriterSpec | None = None,
+        max_directions: int = DEFAULT_MAX_DIRECTIONS,
     ) -> None:
-        super().__init__(identity, directions)
+        super().__init__(identity, directions, max_directions)
         self.checkpoint = Path(checkpoint)
-        self.slots = {name: slot for slot, name in enumerate(directions, start=1)}
+        self.stage_dir = cache_root() / "vllm-directions"
         self.engine_args: dict[str, Any] = {
             "model": str(self.checkpoint),
             "tensor_parallel_size": tensor_parallel_size,
@@ -93,9 +104,9 @@ class VllmEngine(Engine):
             self.engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         if max_num_seqs is not None:
             self.engine_args["max_num_seqs"] = max_num_seqs
-        if directions:
+        if max_directions > 0:
             self.engine_args["additional_config"] = plugin_config(
-                directions, cache_root() / "vllm-directions", writers
+                directions, self.stage_dir, writers, max_directions
             )
         self._llm: Any = None  # vllm.v1.engine.async_llm.AsyncLLM once started
         self._max_model_len = 0
@@ -125,20 +136,24 @@ class VllmEngine(Engine):
         model_config = self._llm.model_config
         self._max_model_len = int(model_config.max_model_len)
         self._vocab_size = int(model_config.get_vocab_size())
-        log.info("vLLM engine ready: %s, directions %s", self.checkpoint, list(self.slots))
+        log.info("vLLM engine ready: %s, directions %s", self.checkpoint, list(self.directions))
 
     async def shutdown(self) -> None:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
 
-    def sampling_params(self, request: GenerationRequest) -> Any:
-        """vLLM ``SamplingParams`` for one request, carrying its ablation in ``extra_args``."""
+    async def _write_slot(self, slot: int, artifact: DirectionArtifact) -> None:
+        path = stage_artifact(artifact, self.stage_dir)
+        await self.client.collective_rpc(WRITE_SLOT_METHOD, args=(str(path), slot))
+
+    def sampling_params(self, request: GenerationRequest, held: HeldSlot) -> Any:
+        """vLLM ``SamplingParams`` for one request, carrying its ablation (the bank slot ``held``
+        by the caller) in ``extra_args``."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         options, ablation = request.sampling, request.ablation
-        slot = self.slots[ablation.direction] if ablation.active else 0
         return SamplingParams(
             max_tokens=options.max_tokens,
             temperature=options.temperature,
@@ -156,30 +171,37 @@ class VllmEngine(Engine):
             min_tokens=options.min_tokens,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
-            extra_args=ablation_extra_args(slot, ablation.strength),
+            extra_args=ablation_extra_args(held.slot, ablation.strength),
         )
 
-    def prompt_inputs(self, request: GenerationRequest) -> Any:
+    def prompt_inputs(self, request: GenerationRequest, held: HeldSlot) -> Any:
         """vLLM ``TokensPrompt`` of one request, salted for ablated requests so their K/V never
-        share prefix-cache blocks with another (direction, strength)."""
+        share prefix-cache blocks with another (direction, strength) or another load."""
         from vllm.inputs import TokensPrompt
 
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
-        salt = request.ablation.cache_salt()
-        if salt is not None:
-            prompt["cache_salt"] = salt
+        if held.cache_salt is not None:
+            prompt["cache_salt"] = held.cache_salt
         return prompt
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        from vllm.v1.engine.exceptions import EngineDeadError
-
         if self._llm is None:
             raise EngineError("the engine is not running")
         if (reason := self.stopped()) is not None:
             raise EngineStoppedError(reason)
         self.check_request(request, self._vocab_size)
-        prompt = self.prompt_inputs(request)
-        params = self.sampling_params(request)
+        with self.holding(request.ablation) as held:
+            async with aclosing(self._stream(request, held)) as stream:
+                async for chunk in stream:
+                    yield chunk
+
+    async def _stream(
+        self, request: GenerationRequest, held: HeldSlot
+    ) -> AsyncIterator[GenerationChunk]:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        prompt = self.prompt_inputs(request, held)
+        params = self.sampling_params(request, held)
         finished = False
         try:
             async for output in self._llm.generate(prompt, params, request.request_id):

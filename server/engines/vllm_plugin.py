@@ -47,12 +47,13 @@ from abliserve.architectures import ArchitectureError, WriterSpec, writer_layout
 from abliserve.bank import DirectionBank
 from abliserve.directions.artifact import DirectionArtifact, load_artifact
 from abliserve.server.engines import vllm_op
+from abliserve.server.engines.direction_slots import DEFAULT_MAX_DIRECTIONS
 from abliserve.server.engines.vllm_routing import TokenRouting, request_route
 
 CONFIG_KEY = "abliserve"
 TESTED_VLLM_VERSIONS = ((0, 32), (0, 33))  # major.minor releases this plugin is tested against
-MAX_DIRECTIONS = 32  # bank slots beyond the baseline; the bank is loaded once, at start
 V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+WRITE_SLOT_METHOD = "abliserve_write_slot"  # added to vLLM's workers, called by collective_rpc
 
 logger = logging.getLogger("vllm.abliserve")  # a child of vLLM's logger, so it shows in its log
 _registered = False
@@ -63,32 +64,47 @@ class PluginError(RuntimeError):
 
 
 def plugin_config(
-    artifacts: dict[str, DirectionArtifact], cache_dir: Path, writers: WriterSpec | None = None
+    artifacts: dict[str, DirectionArtifact],
+    cache_dir: Path,
+    writers: WriterSpec | None = None,
+    capacity: int = DEFAULT_MAX_DIRECTIONS,
 ) -> dict[str, Any]:
-    """The ``additional_config`` entry that turns the plugin on for one engine.
+    """The ``additional_config`` entry that turns the plugin on for one engine: the start-up
+    directions (slots 1, 2, ...) and the bank's ``capacity``, the slots allocated for
+    directions loaded later.
 
-    Each artifact is written (once, content-addressed) under ``cache_dir``, so worker
-    processes load exactly what the front end validated. Multi-node deployments need that
-    folder on every node at the same path.
+    Each artifact is staged under ``cache_dir`` (:func:`stage_artifact`), so worker processes
+    load exactly what the front end validated. Multi-node deployments need that folder on every
+    node at the same path.
     """
-    if len(artifacts) > MAX_DIRECTIONS:
+    if len(artifacts) > capacity:
         raise PluginError(
-            f"{len(artifacts)} directions given; the vLLM engine holds at most {MAX_DIRECTIONS}"
+            f"{len(artifacts)} directions given; the vLLM engine holds at most {capacity} "
+            "(--max-directions)"
         )
     plugin_digest = hashlib.sha256()
     for module in (__file__, inspect.getfile(TokenRouting), vllm_op.__file__):
         plugin_digest.update(Path(module).read_bytes())
     entries = []
     for name, artifact in artifacts.items():
-        digest = _artifact_digest(artifact)
-        path = cache_dir / f"{digest}.safetensors"
-        if not path.is_file():
-            artifact.save(path)
-        entries.append({"name": name, "path": str(path), "sha256": digest})
-    config = {"directions": entries, "plugin": plugin_digest.hexdigest()[:16]}
+        path = stage_artifact(artifact, cache_dir)
+        entries.append({"name": name, "path": str(path), "sha256": path.stem})
+    config = {
+        "directions": entries,
+        "capacity": capacity,
+        "plugin": plugin_digest.hexdigest()[:16],
+    }
     if writers is not None:
         config["writers"] = str(writers)
     return {CONFIG_KEY: config}
+
+
+def stage_artifact(artifact: DirectionArtifact, cache_dir: Path) -> Path:
+    """Write ``artifact`` once under ``cache_dir``, named by its content, for the workers."""
+    path = cache_dir / f"{_artifact_digest(artifact)}.safetensors"
+    if not path.is_file():
+        artifact.save(path)
+    return path
 
 
 def register() -> None:
@@ -98,19 +114,25 @@ def register() -> None:
         return
     import vllm
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
 
     _check_version(vllm.__version__)
     _check_hook_points(GPUModelRunner)
     runner_classes: list[type] = [GPUModelRunner]
+    worker_classes: list[type] = [Worker]
     try:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+        from vllm.v1.worker.cpu_worker import CPUWorker
     except ImportError:  # a GPU-only build
         pass
     else:
         runner_classes.append(CPUModelRunner)
+        worker_classes.append(CPUWorker)
     for cls in runner_classes:
         if "load_model" in vars(cls):
             cls.load_model = _after_load(cls.load_model)
+    for cls in worker_classes:
+        setattr(cls, WRITE_SLOT_METHOD, write_slot)
     GPUModelRunner._prepare_inputs = _before_prepare_inputs(GPUModelRunner._prepare_inputs)
     _refuse_v2_runner()
     _registered = True
@@ -192,44 +214,88 @@ def _before_prepare_inputs(original: Callable[..., Any]) -> Callable[..., Any]:
     return _prepare_inputs
 
 
+class SiteBank:
+    """The bank as the hooks read it: one ``[1 + capacity, hidden]`` directions tensor and one
+    ``[1 + capacity]`` weights tensor per site, allocated once; :meth:`write` fills a slot in
+    place, so the addresses the hooks (and any compiled or captured graph) hold never change."""
+
+    def __init__(self, bank: DirectionBank) -> None:
+        sites = bank.directions.shape[1]
+        self.directions = [bank.directions[:, site].contiguous() for site in range(sites)]
+        self.weights = [bank.weights[:, site].contiguous() for site in range(sites)]
+
+    @property
+    def num_slots(self) -> int:
+        return self.weights[0].shape[0]
+
+    def write(self, slot: int, artifact: DirectionArtifact) -> None:
+        if not 1 <= slot < self.num_slots:
+            raise PluginError(f"bank slot {slot} is outside 1..{self.num_slots - 1}")
+        for site, (directions, weights) in enumerate(
+            zip(self.directions, self.weights, strict=True)
+        ):
+            directions[slot].copy_(artifact.directions[site])
+            weights[slot].copy_(artifact.weights[site])
+
+
 def install(runner: Any, config: dict[str, Any]) -> TokenRouting:
-    """Load the bank and hook every writer of the runner's model; returns the routing buffers."""
+    """Load the bank and hook every writer of the runner's model; returns the routing buffers
+    (the bank stays on the runner as ``abliserve_bank`` for :func:`write_slot`)."""
     if runner.parallel_config.pipeline_parallel_size > 1:
         raise PluginError("abliserve does not support pipeline parallelism; use tensor parallel")
-    text_config = runner.model_config.hf_text_config
-    artifacts = {}
-    for entry in config["directions"]:
-        artifact = load_artifact(entry["path"])
-        if (artifact.model.hidden_size, artifact.model.num_layers) != (
-            text_config.hidden_size,
-            text_config.num_hidden_layers,
-        ):
-            raise PluginError(
-                f"direction {entry['name']!r} ({entry['path']}) is for a model with hidden size "
-                f"{artifact.model.hidden_size} and {artifact.model.num_layers} layers; vLLM "
-                f"loaded {runner.model_config.model} with hidden size {text_config.hidden_size} "
-                f"and {text_config.num_hidden_layers} layers"
-            )
-        artifacts[entry["name"]] = artifact
+    artifacts = {
+        entry["name"]: _load_fitting(runner, entry["path"]) for entry in config["directions"]
+    }
     spec = WriterSpec.parse(config["writers"]) if "writers" in config else None
     sites = writer_sites(runner.get_model(), spec)
-    bank = DirectionBank.from_artifacts(artifacts, len(sites), text_config.hidden_size)
-    bank = bank.to(runner.device)
-    routing = TokenRouting(runner.max_num_tokens, len(bank.names) + 1, runner.device)
+    hidden_size = runner.model_config.hf_text_config.hidden_size
+    capacity = int(config.get("capacity", len(artifacts)))
+    bank = DirectionBank.from_artifacts(artifacts, len(sites), hidden_size, capacity)
+    runner.abliserve_bank = SiteBank(bank.to(runner.device))
+    routing = TokenRouting(runner.max_num_tokens, capacity + 1, runner.device)
     for site, modules in enumerate(sites):
         hook = _writer_hook(
-            bank.directions[:, site].contiguous(), bank.weights[:, site].contiguous(), routing
+            runner.abliserve_bank.directions[site], runner.abliserve_bank.weights[site], routing
         )
         for module in modules:
             module.register_forward_hook(hook)
     logger.info(
-        "abliserve: ablation installed at %d writers, %d direction(s) %s, %d-row buffers",
+        "abliserve: ablation installed at %d writers, %d direction(s) %s of %d slots, "
+        "%d-row buffers",
         sum(len(modules) for modules in sites),
-        len(bank.names),
-        bank.names,
+        len(artifacts),
+        list(artifacts),
+        capacity,
         routing.max_tokens,
     )
     return routing
+
+
+def write_slot(worker: Any, path: str, slot: int) -> None:
+    """Worker method (``collective_rpc``): copy the staged artifact at ``path`` into bank slot
+    ``slot`` in place. vLLM runs it between engine steps, so no forward sees half a write."""
+    runner = worker.model_runner
+    bank: SiteBank | None = getattr(runner, "abliserve_bank", None)
+    if bank is None:
+        raise PluginError("abliserve's ablation is not installed in this engine")
+    bank.write(slot, _load_fitting(runner, path))
+
+
+def _load_fitting(runner: Any, path: str) -> DirectionArtifact:
+    """A staged artifact, checked against the model vLLM loaded (the front end checked the
+    fingerprint; this catches a worker that loaded another model)."""
+    text_config = runner.model_config.hf_text_config
+    artifact = load_artifact(path)
+    if (artifact.model.hidden_size, artifact.model.num_layers) != (
+        text_config.hidden_size,
+        text_config.num_hidden_layers,
+    ):
+        raise PluginError(
+            f"direction {path} is for a model with hidden size {artifact.model.hidden_size} and "
+            f"{artifact.model.num_layers} layers; vLLM loaded {runner.model_config.model} with "
+            f"hidden size {text_config.hidden_size} and {text_config.num_hidden_layers} layers"
+        )
+    return artifact
 
 
 def writer_sites(model: nn.Module, spec: WriterSpec | None = None) -> list[tuple[nn.Module, ...]]:
