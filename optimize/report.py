@@ -47,7 +47,10 @@ def print_front(rows: Sequence[dict], baseline: dict | None) -> None:
             "yes" if params["filter_prompts"] else "no",
             direction,
         )
-    Console(stderr=True).print(table)
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log file: keep each row on one line
+        console = Console(stderr=True, width=140)
+    console.print(table)
 
 
 def save_front_plot(
