@@ -37,6 +37,7 @@ from abliserve.optimize.objectives import EngineObjectives
 from abliserve.optimize.report import print_front, save_front_plot
 from abliserve.optimize.space import ArtifactBuilder, SearchSpace
 from abliserve.server.engines import EngineOptions, create_engine
+from abliserve.server.engines.base import Engine
 
 STUDY_NAME = "abliserve-optimize"
 OBJECTIVES = ("refusal_rate", "kl")
@@ -200,7 +201,7 @@ async def _search(
     study: optuna.Study,
     space: SearchSpace,
     builder: ArtifactBuilder,
-    engine,
+    engine: Engine,
     objectives: EngineObjectives,
     options: OptimizeOptions,
 ) -> None:
@@ -209,32 +210,55 @@ async def _search(
         started = time.monotonic()
         baseline = await objectives.baseline()
         study.set_user_attr("baseline", baseline.summary())
-        done = len(completed(study))
+        searching = time.monotonic()
+        done = measured = len(completed(study))
         with tqdm(total=options.trials, initial=done, desc="trials", unit="trial") as bar:
             while done < options.trials:
-                trials = [study.ask() for _ in range(min(options.batch, options.trials - done))]
-                candidates = {f"trial-{t.number}": (t, space.suggest(t)) for t in trials}
-                for name, (_, candidate) in candidates.items():
-                    await engine.add_direction(name, builder.build(candidate))
-                try:
-                    scores = await objectives.score(list(candidates))
-                finally:
-                    for name in candidates:
-                        await engine.remove_direction(name)
-                for (trial, _), score in zip(candidates.values(), scores, strict=True):
-                    trial.set_user_attr("scores", score.summary())
-                    study.tell(trial, [score.refusal_rate, score.kl])
-                done += len(trials)
-                bar.update(len(trials))
+                size = min(options.batch, options.trials - done)
+                await _round(study, space, builder, engine, objectives, size)
+                done += size
+                bar.update(size)
                 bar.set_postfix_str(_best_text(study))
-        elapsed = time.monotonic() - started
-        study.set_user_attr("last_run", {"seconds": elapsed, "engine": engine.name})
+        measured = done - measured
+        timing = {
+            "engine": engine.name,
+            "batch": options.batch,
+            "baseline_seconds": searching - started,
+            "trials": measured,
+            "trial_seconds": time.monotonic() - searching,
+        }
+        study.set_user_attr("last_run", timing)
         print(
-            f"{done} trials; this run: {elapsed / 60:.1f} min incl. the baseline",
+            f"{measured} trials in {timing['trial_seconds'] / 60:.1f} min "
+            f"({3600 * measured / timing['trial_seconds']:.1f} trials/hour; baseline "
+            f"{timing['baseline_seconds']:.0f} s, engine {engine.name}, --batch {options.batch})",
             file=sys.stderr,
         )
     finally:
         await engine.shutdown()
+
+
+async def _round(
+    study: optuna.Study,
+    space: SearchSpace,
+    builder: ArtifactBuilder,
+    engine: Engine,
+    objectives: EngineObjectives,
+    size: int,
+) -> None:
+    """Ask ``size`` trials, load their artifacts, measure them side by side, tell, unload."""
+    trials = [study.ask() for _ in range(size)]
+    candidates = {f"trial-{t.number}": (t, space.suggest(t)) for t in trials}
+    for name, (_, candidate) in candidates.items():
+        await engine.add_direction(name, builder.build(candidate))
+    try:
+        scores = await objectives.score(list(candidates))
+    finally:
+        for name in candidates:
+            await engine.remove_direction(name)
+    for (trial, _), score in zip(candidates.values(), scores, strict=True):
+        trial.set_user_attr("scores", score.summary())
+        study.tell(trial, [score.refusal_rate, score.kl])
 
 
 def _best_text(study: optuna.Study) -> str:
