@@ -33,6 +33,11 @@ from abliserve.server.engines.base import (
     SamplingOptions,
 )
 
+# First-token requests in flight at once. A whole-vocabulary distribution is large on its way
+# out of an engine (vLLM hands it over as one Python object per token, about 13 MiB per
+# request), so hundreds at once exhaust memory; generations queue in the engine instead.
+FIRST_TOKEN_CONCURRENCY = 8
+
 
 @dataclass(frozen=True)
 class Scores:
@@ -68,6 +73,7 @@ class EngineObjectives:
         self.harmless = [self._chat(text) for text in harmless]
         self.max_new_tokens = max_new_tokens
         self._baseline: list[torch.Tensor] | None = None
+        self._first_token_slots = asyncio.Semaphore(FIRST_TOKEN_CONCURRENCY)
 
     def _chat(self, text: str) -> list[int]:
         return list(
@@ -142,7 +148,7 @@ class EngineObjectives:
         sampling = SamplingOptions(
             max_tokens=1, temperature=0.0, ignore_eos=True, full_distribution=True
         )
-        async with self._run(prompt, spec, sampling) as chunks:
+        async with self._first_token_slots, self._run(prompt, spec, sampling) as chunks:
             async for chunk in chunks:
                 if chunk.distribution is not None:
                     return chunk.distribution
