@@ -67,6 +67,7 @@ class LoadResult:
     held_while_loading: list[int]  # requests holding each job's slot when the load ran
     loaded: list[int]  # tokens of the first job's prompt with the loaded direction
     same_loaded_at_start: list[int]  # ... with the same artifact loaded at start
+    baseline: list[int]  # ... without ablation
 
 
 async def load_while_streaming(
@@ -89,10 +90,14 @@ async def load_while_streaming(
 
     disturbed = await run_jobs(engine, jobs, f"{name}-disturbed", tokens, during=load)
     prompt = jobs[0][0]
-    pair = [(prompt, AblationSpec(name, 1.0)), (prompt, AblationSpec(twin_at_start, 1.0))]
-    loaded, twin = await run_jobs(engine, pair, f"{name}-twin", tokens)
+    trio = [
+        (prompt, AblationSpec(name, 1.0)),
+        (prompt, AblationSpec(twin_at_start, 1.0)),
+        (prompt, BASELINE),
+    ]
+    loaded, twin, baseline = await run_jobs(engine, trio, f"{name}-twin", tokens)
     await engine.remove_direction(name)
-    return LoadResult(undisturbed, disturbed, held, loaded, twin)
+    return LoadResult(undisturbed, disturbed, held, loaded, twin, baseline)
 
 
 @dataclass

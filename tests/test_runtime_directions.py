@@ -77,7 +77,7 @@ def test_loading_mid_stream_changes_no_tokens_and_equals_loading_at_start(engine
     assert result.disturbed == result.undisturbed
     assert all(len(tokens) == TOKENS for tokens in result.disturbed)
     assert result.loaded == result.same_loaded_at_start
-    assert result.loaded != result.undisturbed[0]  # another direction: the check can fail
+    assert result.loaded != result.baseline  # the loaded direction bites: the check can fail
     assert "late" not in engine.directions
 
 
@@ -182,6 +182,21 @@ def test_vllm_surface_holds_the_slot_until_the_answer_ends():
     hold.enter_context(slots.hold("d"))
     render(Answer(), spec, Recorder(None, "chat", spec), hold)
     assert slots.holders(1) == 0
+
+
+def test_vllm_surface_carries_the_held_slot_and_its_salt():
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    from abliserve.server.engines.base import HeldSlot
+    from abliserve.server.vllm_surface import carry_ablation
+
+    body = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "cache_salt": "mine"}
+    )
+    carry_ablation(body, AblationSpec("d", 0.5), HeldSlot(slot=3, cache_salt="s"))
+    assert body.vllm_xargs == {"abliserve": {"slot": 3, "strength": 0.5}}
+    assert body.cache_salt == "s:mine"
 
 
 @pytest.mark.parametrize(

@@ -364,20 +364,20 @@ def test_loading_a_direction_mid_stream_changes_no_tokens(loop, engine, prompts,
     """Every worker copies the new direction into a free bank slot in place while requests
     stream; their tokens equal an undisturbed run, and the direction loaded at run time gives
     the tokens of the same artifact loaded at start."""
-    jobs = [(prompts[0], FULL), (prompts[1], BASELINE), (prompts[2], RANDOM)]
+    jobs = [(prompts[1], FULL), (prompts[0], BASELINE), (prompts[2], RANDOM)]
     result = loop.run(
-        load_while_streaming(engine, jobs, "late", directions["random"], "random", TOKENS)
+        load_while_streaming(engine, jobs, "late", directions["refusal"], "refusal", TOKENS)
     )
     assert result.held_while_loading == [1, 0, 1]
     assert result.disturbed == result.undisturbed
     assert result.loaded == result.same_loaded_at_start
-    assert result.loaded != result.undisturbed[0]  # another direction: the check can fail
+    assert result.loaded != result.baseline  # the loaded direction bites: the check can fail
 
 
 def test_removed_direction_finishes_in_flight_and_its_slot_waits(loop, engine, prompts, directions):
     result = loop.run(
         remove_while_streaming(
-            engine, prompts[1], "temporary", directions["random"], directions["refusal"], TOKENS
+            engine, prompts[1], "temporary", directions["refusal"], directions["random"], TOKENS
         )
     )
     assert result.disturbed == result.undisturbed

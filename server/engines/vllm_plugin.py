@@ -119,20 +119,18 @@ def register() -> None:
     _check_version(vllm.__version__)
     _check_hook_points(GPUModelRunner)
     runner_classes: list[type] = [GPUModelRunner]
-    worker_classes: list[type] = [Worker]
     try:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-        from vllm.v1.worker.cpu_worker import CPUWorker
     except ImportError:  # a GPU-only build
         pass
     else:
         runner_classes.append(CPUModelRunner)
-        worker_classes.append(CPUWorker)
     for cls in runner_classes:
         if "load_model" in vars(cls):
             cls.load_model = _after_load(cls.load_model)
-    for cls in worker_classes:
-        setattr(cls, WRITE_SLOT_METHOD, write_slot)
+    # The GPU worker class, which the CPU worker subclasses. (Never import the CPU worker's
+    # module here: importing it replaces torch.cuda's streams and events with no-ops.)
+    setattr(Worker, WRITE_SLOT_METHOD, write_slot)
     GPUModelRunner._prepare_inputs = _before_prepare_inputs(GPUModelRunner._prepare_inputs)
     _refuse_v2_runner()
     _registered = True
@@ -231,11 +229,13 @@ class SiteBank:
     def write(self, slot: int, artifact: DirectionArtifact) -> None:
         if not 1 <= slot < self.num_slots:
             raise PluginError(f"bank slot {slot} is outside 1..{self.num_slots - 1}")
-        for site, (directions, weights) in enumerate(
-            zip(self.directions, self.weights, strict=True)
-        ):
-            directions[slot].copy_(artifact.directions[site])
-            weights[slot].copy_(artifact.weights[site])
+        # Inference mode: vLLM may have built the bank under it, and its tensors then accept
+        # in-place writes only there (writes to ordinary tensors are allowed there too).
+        pairs = zip(self.directions, self.weights, strict=True)
+        with torch.inference_mode():
+            for site, (directions, weights) in enumerate(pairs):
+                directions[slot].copy_(artifact.directions[site])
+                weights[slot].copy_(artifact.weights[site])
 
 
 def install(runner: Any, config: dict[str, Any]) -> TokenRouting:
