@@ -1,7 +1,8 @@
 """The ``abliserve`` command: one entry point, a sub-command per job.
 
 Each area registers its own sub-commands (``directions``/``export`` in
-:mod:`abliserve.directions.cli`, ``serve`` in :mod:`abliserve.server.cli`, ``ab``/``eval`` in
+:mod:`abliserve.directions.cli`, ``directions optimize`` in
+:mod:`abliserve.optimize.cli`, ``serve`` in :mod:`abliserve.server.cli`, ``ab``/``eval`` in
 :mod:`abliserve.clients.cli`). Heavy imports (torch, transformers, vLLM) happen inside the
 handlers, so ``--help`` answers instantly. Expected failures (bad input, missing files, a
 direction for another model) print one ``abliserve: error: ...`` line and exit non-zero.
@@ -21,6 +22,7 @@ EXIT_USER_ERROR = 2
 def build_parser() -> argparse.ArgumentParser:
     from abliserve.clients import cli as clients_cli
     from abliserve.directions import cli as directions_cli
+    from abliserve.optimize import cli as optimize_cli
     from abliserve.server import cli as server_cli
 
     parser = argparse.ArgumentParser(
@@ -43,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_demo_model)
     directions = directions_cli.register(commands)
+    optimize_cli.register(directions)
     server_cli.register(commands)
     clients_cli.register(commands)
     clients_cli.register_server_directions(directions)

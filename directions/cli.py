@@ -13,8 +13,9 @@ from abliserve.directions.errors import DirectionError
 
 
 def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """Add ``directions`` and ``export``; returns the ``directions`` actions, which the clients
-    extend with the actions on a running server (upload, list, delete)."""
+    """Add ``directions`` and ``export``; returns the ``directions`` actions, which the layers
+    above extend: the clients with the actions on a running server (upload, list, delete),
+    ``optimize`` with the search that needs the engines."""
     directions = commands.add_parser(
         "directions",
         help="compute, inspect and evaluate refusal directions; load them into a running server",

@@ -10,13 +10,11 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from abliserve.architectures import WriterSpec
 from abliserve.datasets import default_path, instructions_hash, load_instructions
 from abliserve.directions.artifact import DirectionArtifact
 from abliserve.directions.errors import DirectionError
-from abliserve.directions.extract import Activations, collect, mean_difference
+from abliserve.directions.extract import cached_activations, mean_difference
 from abliserve.directions.identity import checkpoint_identity
 from abliserve.directions.modelio import DEFAULT_REFUSAL_WORDS, load_model, refusal_token_ids
 from abliserve.directions.report import print_table, save_plot
@@ -99,7 +97,15 @@ def compute(options: ComputeOptions) -> DirectionArtifact:
 
     model, tokenizer = load_model(checkpoint, writers=options.writers)
     refusal_ids = refusal_token_ids(tokenizer, options.refusal_words)
-    harmful, harmless = _activations(model, tokenizer, prompts, refusal_ids, options)
+    harmful, harmless = cached_activations(
+        lambda: model,
+        tokenizer,
+        prompts["harmful_train"],
+        prompts["harmless_train"],
+        refusal_ids,
+        options.batch_size,
+        options.activations_cache,
+    )
     statistics = mean_difference(harmful, harmless, options.filter_prompts)
     candidates = statistics.directions(options.projected)
     empty = [layer for layer in layers if not bool(candidates[layer].any())]
@@ -183,47 +189,3 @@ def compute(options: ComputeOptions) -> DirectionArtifact:
     artifact.save(options.out)
     print(f"wrote {options.out} (layer {chosen.layer}) and {report}", file=sys.stderr)
     return artifact
-
-
-def _activations(
-    model,
-    tokenizer,
-    prompts: dict[str, list[str]],
-    refusal_ids: list[int],
-    options: ComputeOptions,
-) -> tuple[Activations, Activations]:
-    """Extraction activations, reused from ``--activations-cache`` when the prompts match."""
-    key = {name: instructions_hash(prompts[name]) for name in ("harmful_train", "harmless_train")}
-    key["refusal_ids"] = refusal_ids
-    cache = options.activations_cache
-    if cache is not None and cache.is_file():
-        stored = torch.load(cache, weights_only=True)
-        if stored.get("key") == key:
-            return Activations(*stored["harmful"]), Activations(*stored["harmless"])
-    harmful = collect(
-        model,
-        tokenizer,
-        prompts["harmful_train"],
-        refusal_ids,
-        options.batch_size,
-        "harmful prompts",
-    )
-    harmless = collect(
-        model,
-        tokenizer,
-        prompts["harmless_train"],
-        refusal_ids,
-        options.batch_size,
-        "harmless prompts",
-    )
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "key": key,
-                "harmful": (harmful.residuals, harmful.refusal),
-                "harmless": (harmless.residuals, harmless.refusal),
-            },
-            cache,
-        )
-    return harmful, harmless

@@ -9,14 +9,16 @@ the model actually refuses / answers; means are taken in float64.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from abliserve.architectures import residual_layers
+from abliserve.datasets import instructions_hash
 from abliserve.directions.errors import DirectionError
 from abliserve.directions.modelio import chat_batches, first_token_logprobs, refusal_scores
 from abliserve.projection import normalise, project_out
@@ -72,6 +74,45 @@ def collect(
     return Activations(torch.cat(residuals), torch.cat(scores))
 
 
+def cached_activations(
+    load_model: Callable[[], nn.Module],
+    tokenizer,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    refusal_ids: Sequence[int],
+    batch_size: int,
+    cache: Path | None,
+) -> tuple[Activations, Activations]:
+    """Extraction activations of both prompt sets, reused from ``cache`` when it holds the same
+    prompts and refusal tokens (the model is then never loaded: ``load_model`` is only called
+    on a miss), else collected and stored there."""
+    key = {
+        "harmful_train": instructions_hash(harmful),
+        "harmless_train": instructions_hash(harmless),
+        "refusal_ids": list(refusal_ids),
+    }
+    if cache is not None and cache.is_file():
+        stored = torch.load(cache, weights_only=True)
+        if stored.get("key") == key:
+            return Activations(*stored["harmful"]), Activations(*stored["harmless"])
+    model = load_model()
+    collected = [
+        collect(model, tokenizer, texts, refusal_ids, batch_size, f"{name} prompts")
+        for name, texts in (("harmful", harmful), ("harmless", harmless))
+    ]
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "key": key,
+                "harmful": (collected[0].residuals, collected[0].refusal),
+                "harmless": (collected[1].residuals, collected[1].refusal),
+            },
+            cache,
+        )
+    return collected[0], collected[1]
+
+
 @dataclass
 class MeanDifference:
     """Per-residual-index statistics the candidate directions are built from."""
@@ -89,22 +130,30 @@ class MeanDifference:
         return normalise(difference).float()
 
 
+def behaviour_rows(
+    harmful: Activations, harmless: Activations, filter_by_behaviour: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual rows [prompts, L + 1, hidden] a direction is estimated from; with
+    ``filter_by_behaviour`` only prompts the model refuses (harmful, refusal log-odds > 0) or
+    answers (harmless, < 0) count, so the direction is not diluted by prompts on which the model
+    shows no refusal behaviour at all."""
+    if not filter_by_behaviour:
+        return harmful.residuals, harmless.residuals
+    harmful_rows = harmful.residuals[harmful.refusal > 0]
+    harmless_rows = harmless.residuals[harmless.refusal < 0]
+    if len(harmful_rows) == 0 or len(harmless_rows) == 0:
+        raise DirectionError(
+            "filtering left no prompts: the model refuses none of the harmful prompts or "
+            "all of the harmless ones; run without --filter-prompts"
+        )
+    return harmful_rows, harmless_rows
+
+
 def mean_difference(
     harmful: Activations, harmless: Activations, filter_by_behaviour: bool
 ) -> MeanDifference:
-    """Difference of means; with ``filter_by_behaviour`` only prompts the model refuses
-    (harmful, refusal log-odds > 0) or answers (harmless, < 0) count, so the direction is not
-    diluted by prompts on which the model shows no refusal behaviour at all."""
-    harmful_rows = harmful.residuals
-    harmless_rows = harmless.residuals
-    if filter_by_behaviour:
-        harmful_rows = harmful_rows[harmful.refusal > 0]
-        harmless_rows = harmless_rows[harmless.refusal < 0]
-        if len(harmful_rows) == 0 or len(harmless_rows) == 0:
-            raise DirectionError(
-                "filtering left no prompts: the model refuses none of the harmful prompts or "
-                "all of the harmless ones; run without --filter-prompts"
-            )
+    """Difference of means over :func:`behaviour_rows`."""
+    harmful_rows, harmless_rows = behaviour_rows(harmful, harmless, filter_by_behaviour)
     harmless_mean = harmless_rows.double().mean(0)
     return MeanDifference(
         difference=harmful_rows.double().mean(0) - harmless_mean,

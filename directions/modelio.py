@@ -28,16 +28,24 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """Model (eval mode) and tokenizer (left padding) from a local checkpoint folder; its
     residual-stream writers pass the self-check, or this refuses it."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(checkpoint)
+    check_checkpoint(checkpoint, writers)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
+    check_writers(model, writers)
+    return model, tokenizer
+
+
+def load_tokenizer(checkpoint: Path):
+    """The checkpoint's tokenizer, padding on the left (batches end at the last prompt token)."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    check_checkpoint(checkpoint, writers)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
-    check_writers(model, writers)
-    return model, tokenizer
+    return tokenizer
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
