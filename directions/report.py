@@ -78,6 +78,14 @@ def save_plot(
     )
     refusal_axis.set_title(title, fontsize=10)
     figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def save_figure(figure, path: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically (a crash never leaves half a plot behind) and
+    close it; shared by every plot the direction tools draw."""
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)

@@ -3,12 +3,12 @@ trial's refusal rate against its first-token KL, the front highlighted."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from optuna.trial import FrozenTrial
+
+from abliserve.directions.report import save_figure
 
 
 def print_front(rows: Sequence[dict], baseline: dict | None) -> None:
@@ -102,14 +102,4 @@ def save_front_plot(
     axis.set_title(title, fontsize=10)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        figure.savefig(tmp_name, dpi=110)
-        os.replace(tmp_name, path)
-    finally:
-        plt.close(figure)
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    return path
+    return save_figure(figure, path)
