@@ -271,12 +271,15 @@ class CompletionService:
                         break
         finally:
             if self.metrics is not None:
-                self.metrics.requests.labels(endpoint, label, finish or "abort").inc()
-                self.metrics.prompt_tokens.labels(label).inc(len(choice.prompt_ids))
-                self.metrics.generation_tokens.labels(label).inc(generated)
-                self.metrics.latency.labels(label).observe(time.perf_counter() - started)
-                if first_token_at is not None:
-                    self.metrics.first_token.labels(label).observe(first_token_at - started)
+                self.metrics.record(
+                    endpoint,
+                    label,
+                    [finish or "abort"],
+                    len(choice.prompt_ids),
+                    generated,
+                    started,
+                    first_token_at,
+                )
 
     async def run(self, plan: Plan, outputs: list[ChoiceOutput]) -> AsyncIterator[Delta]:
         """Run every choice of ``plan`` concurrently (they share the engine's batches), adding

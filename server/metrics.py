@@ -6,6 +6,7 @@ gauges (running and waiting requests) are read from the engine at scrape time.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -59,6 +60,26 @@ class ServerMetrics:
         )
         running.set_function(lambda: engine_stats().get("running", 0.0))
         waiting.set_function(lambda: engine_stats().get("waiting", 0.0))
+
+    def record(
+        self,
+        endpoint: str,
+        label: str,
+        finish_reasons: list[str],
+        prompt_tokens: int,
+        generation_tokens: int,
+        started: float,
+        first_token_at: float | None,
+    ) -> None:
+        """One finished request (both engines' request paths record through here): its finish
+        reasons, tokens, and latencies measured from ``started`` (``time.perf_counter``)."""
+        for reason in finish_reasons:
+            self.requests.labels(endpoint, label, reason).inc()
+        self.prompt_tokens.labels(label).inc(prompt_tokens)
+        self.generation_tokens.labels(label).inc(generation_tokens)
+        self.latency.labels(label).observe(time.perf_counter() - started)
+        if first_token_at is not None:
+            self.first_token.labels(label).observe(first_token_at - started)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

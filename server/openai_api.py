@@ -35,7 +35,6 @@ from abliserve.server.engines.base import AblationSpec, SamplingOptions, TokenLo
 from abliserve.server.errors import bad_request, error_body
 from abliserve.server.policy import applied_json
 from abliserve.server.protocol import (
-    MAX_CHOICES,
     AblationApplied,
     AssistantMessage,
     ChatChoice,
@@ -56,6 +55,7 @@ from abliserve.server.protocol import (
 )
 from abliserve.server.request_intake import (
     api_state,
+    check_choice_count,
     check_model,
     parse_body,
     resolve_request_ablation,
@@ -116,11 +116,7 @@ def completion_plan(
     if body.echo:
         raise bad_request("echo is not supported", "echo")
     texts = completion_prompts(body.prompt)
-    if len(texts) * body.n > MAX_CHOICES:
-        raise bad_request(
-            f"{len(texts)} prompts x n={body.n} asks for more than {MAX_CHOICES} choices",
-            "prompt",
-        )
+    check_choice_count(len(texts), body.n)
     prompts = [service.text_prompt_ids(p) for p in texts]
     requested = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
     base = sampling_options(body, service, requested, body.logprobs)

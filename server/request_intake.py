@@ -24,7 +24,7 @@ from abliserve.server.policy import (
     ServerPolicy,
     resolve_ablation,
 )
-from abliserve.server.protocol import AblationBody
+from abliserve.server.protocol import MAX_CHOICES, AblationBody
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -58,6 +58,15 @@ def resolve_request_ablation(request: Request, body: AblationBody | None) -> Abl
         body_direction=body.direction if body else None,
     )
     return resolve_ablation(ask, api_state(request).policy, key_policy(request))
+
+
+def check_choice_count(prompts: int, n: int) -> None:
+    """One request's choices (prompts x n) are bounded on both engines: one request must not
+    flood the engine for everyone else."""
+    if prompts * n > MAX_CHOICES:
+        raise bad_request(
+            f"{prompts} prompts x n={n} asks for more than {MAX_CHOICES} choices", "prompt"
+        )
 
 
 def check_model(state: ApiState, name: str) -> None:

@@ -39,7 +39,6 @@ from abliserve.server.errors import ApiError, bad_request
 from abliserve.server.metrics import ServerMetrics, ablation_label
 from abliserve.server.policy import APPLIED_HEADER, applied_json, describe_applied
 from abliserve.server.protocol import (
-    MAX_CHOICES,
     MAX_N,
     MAX_TOP_LOGPROBS,
     AblationBody,
@@ -47,6 +46,7 @@ from abliserve.server.protocol import (
 )
 from abliserve.server.request_intake import (
     api_state,
+    check_choice_count,
     read_json,
     resolve_request_ablation,
     validation_error,
@@ -120,10 +120,7 @@ def check_bounds(body: BaseModel, choices: int) -> None:
     n = getattr(body, "n", 1) or 1
     if not 1 <= n <= MAX_N:
         raise bad_request(f"n must lie in [1, {MAX_N}]", "n")
-    if choices * n > MAX_CHOICES:
-        raise bad_request(
-            f"{choices} prompts x n={n} asks for more than {MAX_CHOICES} choices", "prompt"
-        )
+    check_choice_count(choices, n)
 
 
 def carry_ablation(body: Any, ablation: AblationSpec, held: HeldSlot) -> None:
@@ -289,13 +286,13 @@ class Recorder:
     def finished(self) -> None:
         if self.metrics is None:
             return
-        for reason in self.finish_reasons or ["abort"]:
-            self.metrics.requests.labels(self.endpoint, self.label, reason).inc()
-        if self.usage:
-            self.metrics.prompt_tokens.labels(self.label).inc(self.usage["prompt_tokens"])
-            tokens = self.usage.get("completion_tokens") or 0
-            self.metrics.generation_tokens.labels(self.label).inc(tokens)
-        now = time.perf_counter()
-        self.metrics.latency.labels(self.label).observe(now - self.started)
-        if self.first_token_at is not None:
-            self.metrics.first_token.labels(self.label).observe(self.first_token_at - self.started)
+        usage = self.usage or {}
+        self.metrics.record(
+            self.endpoint,
+            self.label,
+            self.finish_reasons or ["abort"],
+            usage.get("prompt_tokens") or 0,
+            usage.get("completion_tokens") or 0,
+            self.started,
+            self.first_token_at,
+        )
