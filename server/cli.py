@@ -11,6 +11,7 @@ import logging
 import math
 import re
 import signal
+import socket
 from pathlib import Path
 
 from abliserve.errors import UserError
@@ -404,6 +405,22 @@ def _exit_after_shutdown(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the engine starts: a port already taken fails in a
+    second instead of after the model has loaded, and vLLM's own start-up (which opens
+    ephemeral ports of its own) can never take ours in the meantime."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise UserError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    listener.set_inheritable(True)
+    return listener
+
+
 def serve_command(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT (exit 0) or until the engine dies (exit
     :data:`~abliserve.server.watchdog.ENGINE_DIED_EXIT_CODE`, for a supervisor to restart); an
@@ -419,6 +436,7 @@ def serve_command(args: argparse.Namespace) -> int:
     # it found at start-up; make that handler a clean exit 0, which is what supervisors expect.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _exit_after_shutdown)
+    listener = bind_listener(args.host, args.port)
     app = create_app(config)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -435,7 +453,7 @@ def serve_command(args: argparse.Namespace) -> int:
         # uvicorn's "startup failed" traceback.
         logging.getLogger("uvicorn.error").addFilter(lambda record: app.state.startup_error is None)
     try:
-        server.run()
+        server.run(sockets=[listener])
     except SystemExit:  # uvicorn's exit 3 after a failed start; ours is the one line below
         if app.state.startup_error is None:
             raise

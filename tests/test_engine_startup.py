@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import tiny_models
+from conftest import free_port
 
 from abliserve.directions.artifact import load_artifact
 from abliserve.directions.identity import checkpoint_identity
@@ -154,7 +156,7 @@ def test_explicit_vllm_that_cannot_start_is_one_line_and_fast(tmp_path: Path) ->
     checkpoint = tiny_models.checkpoint(tmp_path / "tiny")
     started = time.monotonic()
     command = [sys.executable, "-m", "abliserve.cli", "serve", "--model", str(checkpoint)]
-    command += ["--engine", "vllm", "--port", "1", "--kv-cache-memory-bytes", "64T"]
+    command += ["--engine", "vllm", "--port", str(free_port()), "--kv-cache-memory-bytes", "64T"]
     result = subprocess.run(
         command,
         capture_output=True,
@@ -169,6 +171,25 @@ def test_explicit_vllm_that_cannot_start_is_one_line_and_fast(tmp_path: Path) ->
     assert "Traceback" not in result.stderr
     # The cause is known before any vLLM process starts: no model load, no compile.
     assert "Loading weights" not in result.stdout + result.stderr, elapsed
+
+
+def test_a_taken_port_is_one_line_before_the_engine_starts(tmp_path: Path) -> None:
+    """The socket is bound before the engine starts: a taken port is refused at once (and no
+    process the engine starts can take the port while the model loads)."""
+    checkpoint = tiny_models.checkpoint(tmp_path / "tiny")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "abliserve.cli", "serve", "--model", str(checkpoint)]
+        command += ["--engine", "transformers", "--port", str(port)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("abliserve:")]
+    assert result.returncode == 2, result.stderr
+    assert errors == [
+        f"abliserve: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+    assert "Traceback" not in result.stderr
+    assert "abliserve ready" not in result.stdout + result.stderr  # the engine never started
 
 
 @pytest.mark.vllm
