@@ -55,6 +55,15 @@ def register(directions: argparse._SubParsersAction) -> None:
     optimize.add_argument(
         "--startup-trials", type=int, default=10, help="random trials before TPE takes over"
     )
+    optimize.add_argument(
+        "--warm-start",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="ARTIFACT",
+        help="measure this earlier optimize artifact's parameters first (repeatable): a new "
+        "study starts from points already known to be good; needs the same model",
+    )
     for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val"):
         optimize.add_argument(
             f"--{name.replace('_', '-')}",
@@ -129,6 +138,7 @@ def _optimize(args: argparse.Namespace) -> int:
             engine=resolve_engine_kind(args.engine),
             seed=args.seed,
             startup_trials=args.startup_trials,
+            warm_start=tuple(args.warm_start),
             prompt_files={
                 name: getattr(args, name)
                 for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")

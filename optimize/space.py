@@ -69,6 +69,26 @@ class SearchSpace:
             ),
         )
 
+    def outside(self, params: dict) -> list[str]:
+        """Why ``params`` (an earlier trial's) is not a point of this space: each missing,
+        unknown or out-of-range parameter, empty when it is one."""
+        probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+        self.suggest(probe)
+        problems = [f"{name} missing" for name in probe.distributions if name not in params]
+        problems += [f"{name} unknown" for name in params if name not in probe.distributions]
+        for name, distribution in probe.distributions.items():
+            value = params.get(name)
+            if name in params and not _contains(distribution, value):
+                problems.append(f"{name}={value!r} not in {distribution}")
+        return problems
+
+
+def _contains(distribution: optuna.distributions.BaseDistribution, value: object) -> bool:
+    try:
+        return distribution._contains(distribution.to_internal_repr(value))
+    except (ValueError, TypeError):
+        return False
+
 
 @dataclass(frozen=True)
 class Candidate:

@@ -54,6 +54,7 @@ class OptimizeOptions:
     engine: str = "auto"
     seed: int = 0
     startup_trials: int = 10
+    warm_start: tuple[Path, ...] = ()  # earlier optimize artifacts, measured first
     prompt_files: dict[str, str | None] = field(default_factory=dict)  # set name -> file
     train_count: int = 192
     kl_count: int = 64
@@ -139,6 +140,38 @@ def requeue_unfinished(study: optuna.Study) -> None:
         study.enqueue_trial(trial.params, skip_if_exists=True)
 
 
+def enqueue_warm_start(
+    study: optuna.Study, space: SearchSpace, artifacts: tuple[Path, ...], fingerprint: str
+) -> None:
+    """Queue the parameters of earlier ``optimize`` artifacts (their metadata keeps them), so a
+    new study measures known-good points first and TPE searches around them. Checked before
+    extraction: an artifact of another model, or one not written by ``optimize``, is an
+    error, and so is a point outside this run's space (an estimator or rank it excludes). A
+    point the study already holds is not queued again, so a resumed run with the same
+    ``--warm-start`` measures nothing twice."""
+    from abliserve.directions.artifact import load_artifact
+
+    for path in artifacts:
+        artifact = load_artifact(path)
+        params = artifact.scores.get("params")
+        if artifact.method.get("name") != "optimize" or not isinstance(params, dict):
+            raise DirectionError(
+                f"--warm-start {path}: not written by 'directions optimize' (its metadata has "
+                "no trial parameters)"
+            )
+        if artifact.model.fingerprint != fingerprint:
+            raise DirectionError(
+                f"--warm-start {path}: made for another checkpoint (fingerprint "
+                f"{artifact.model.fingerprint[:12]}…, this model {fingerprint[:12]}…)"
+            )
+        outside = space.outside(params)
+        if outside:
+            raise DirectionError(
+                f"--warm-start {path}: outside this search space ({'; '.join(outside)})"
+            )
+        study.enqueue_trial(params, skip_if_exists=True)
+
+
 def completed(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
@@ -156,6 +189,12 @@ def optimize(options: OptimizeOptions) -> list[FrozenTrial]:
     study = open_study(options)
     _check_same_run(study, options, prompts, identity.fingerprint)
     requeue_unfinished(study)
+    enqueue_warm_start(
+        study,
+        SearchSpace(identity.num_layers, options.estimators, options.max_rank),
+        options.warm_start,
+        identity.fingerprint,
+    )
 
     tokenizer = load_tokenizer(checkpoint)
     refusal_ids = refusal_token_ids(tokenizer, DEFAULT_REFUSAL_WORDS)

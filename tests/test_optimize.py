@@ -5,6 +5,7 @@ trial measured again, the Pareto artifacts and report; bad options as one error 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -37,10 +38,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def optimize_args(root: Path, trials: int, *extra: str) -> list[str]:
+def optimize_args(root: Path, trials: int, *extra: str, run: str = ".") -> list[str]:
     return [
         "directions", "optimize", "--model", str(root / "tiny"), "--engine", "transformers",
-        "--study", str(root / "study.journal"), "--out", str(root / "front"),
+        "--study", str(root / run / "study.journal"), "--out", str(root / run / "front"),
         "--trials", str(trials), "--batch", "2", "--startup-trials", "2",
         "--harmful-train", str(root / "harmful.txt"), "--harmless-train",
         str(root / "harmless.txt"), "--harmful-val", str(root / "harmful.txt"),
@@ -51,6 +52,10 @@ def optimize_args(root: Path, trials: int, *extra: str) -> list[str]:
 
 def load(root: Path) -> optuna.Study:
     return open_study(OptimizeOptions(model="", study=root / "study.journal", out=root))
+
+
+def completed_trials(root: Path) -> list[optuna.trial.FrozenTrial]:
+    return load(root).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
 
 
 def test_two_rounds_then_resumed_with_an_unfinished_trial(workspace: Path) -> None:
@@ -69,7 +74,7 @@ def test_two_rounds_then_resumed_with_an_unfinished_trial(workspace: Path) -> No
     assert stranded_params
     assert main(optimize_args(workspace, 4)) == 0
     study = load(workspace)
-    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    complete = completed_trials(workspace)
     assert len(complete) == 4
     assert study.trials[2].state == optuna.trial.TrialState.FAIL
     assert any(t.params == stranded_params for t in complete)
@@ -95,6 +100,41 @@ def test_two_rounds_then_resumed_with_an_unfinished_trial(workspace: Path) -> No
     # Already at the requested count: no engine, the front is written again.
     assert main(optimize_args(workspace, 4)) == 0
     assert len(load(workspace).trials) == len(study.trials)
+
+
+def test_warm_start_measures_an_earlier_point_first(workspace: Path, capsys) -> None:
+    """A new study given an earlier run's Pareto artifact measures exactly that point first;
+    rerunning with the same artifact queues nothing twice."""
+    assert main(optimize_args(workspace, 2, "--seed", "7", run="earlier")) == 0
+    earlier = json.loads((workspace / "earlier" / "front" / "pareto.json").read_text())
+    point = earlier["front"][0]
+    warm = ["--warm-start", point["artifact"]]
+    assert main(optimize_args(workspace, 2, *warm, run="warm")) == 0
+    trials = completed_trials(workspace / "warm")
+    assert trials[0].params == point["params"]
+    # The same model and prompts: the point scores what it scored before.
+    assert trials[0].values == [point["refusal_rate"], point["kl"]]
+    assert main(optimize_args(workspace, 3, *warm, run="warm")) == 0
+    assert sum(t.params == point["params"] for t in load(workspace / "warm").trials) == 1
+
+    # Not an optimize artifact, a narrower space: one line each, nothing measured.
+    capsys.readouterr()
+    plain = workspace / "plain.safetensors"
+    replace(load_artifact(point["artifact"]), method={"name": "mean difference"}).save(plain)
+    for case, (extra, message) in enumerate(
+        [
+            (["--warm-start", str(plain)], "not written by 'directions optimize'"),
+            ([*warm, "--estimators", other_estimator(point)], "outside this search space"),
+        ]
+    ):
+        assert main(optimize_args(workspace, 1, *extra, run=f"refused-{case}")) == 2
+        error = capsys.readouterr().err.strip()
+        assert message in error and len(error.splitlines()) == 1, error
+        assert not completed_trials(workspace / f"refused-{case}")
+
+
+def other_estimator(point: dict) -> str:
+    return next(e for e in ("mean", "median") if e != point["params"]["estimator"])
 
 
 @pytest.mark.parametrize(
