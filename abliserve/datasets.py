@@ -20,12 +20,12 @@ class DatasetError(UserError, ValueError):
     """A prompt file that is missing, empty or malformed."""
 
 
-DEFAULT_SETS = ("harmful_train", "harmful_val", "harmless_train", "harmless_val")
+PROMPT_SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
 
 
 def default_path(name: str) -> Path:
-    if name not in DEFAULT_SETS:
-        raise DatasetError(f"unknown default prompt set {name!r}; choose from {DEFAULT_SETS}")
+    if name not in PROMPT_SETS:
+        raise DatasetError(f"unknown default prompt set {name!r}; choose from {PROMPT_SETS}")
     return Path(str(resources.files("abliserve") / "data" / "prompts" / f"{name}.json"))
 
 

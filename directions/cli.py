@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from abliserve.architectures import add_writers_flag
+from abliserve.datasets import PROMPT_SETS
 from abliserve.directions.errors import DirectionError
 
 
@@ -73,13 +74,7 @@ def _register_compute(sub: argparse._SubParsersAction) -> None:
     compute.add_argument(
         "--report", type=Path, help="per-layer plot (PNG); default: next to --out, .layers.png"
     )
-    for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val"):
-        compute.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            metavar="FILE",
-            help=f"instructions (JSON/JSONL/CSV/text); default: package {name}",
-        )
+    add_prompt_file_arguments(compute)
     compute.add_argument(
         "--train-count", type=int, default=128, help="extraction prompts per class"
     )
@@ -155,10 +150,7 @@ def _compute(args: argparse.Namespace) -> int:
             model=args.model,
             out=args.out,
             report=args.report,
-            prompt_files={
-                name: getattr(args, name)
-                for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
-            },
+            prompt_files=prompt_files(args),
             train_count=args.train_count,
             val_count=args.val_count,
             layer=args.layer,
@@ -402,3 +394,20 @@ def _export(args: argparse.Namespace) -> int:
             )
     print(args.out)
     return 0
+
+
+def add_prompt_file_arguments(parser: argparse.ArgumentParser) -> None:
+    """--harmful-train, --harmless-train, --harmful-val, --harmless-val: the four prompt sets
+    that ``compute`` and ``optimize`` both read, each defaulting to the packaged file."""
+    for name in PROMPT_SETS:
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            metavar="FILE",
+            help=f"instructions (JSON/JSONL/CSV/text); default: package {name}",
+        )
+
+
+def prompt_files(args: argparse.Namespace) -> dict[str, str | None]:
+    """The prompt-set files given on the command line (None: the packaged default)."""
+    return {name: getattr(args, name) for name in PROMPT_SETS}

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from abliserve.architectures import WriterSpec
-from abliserve.datasets import default_path, instructions_hash, load_instructions
+from abliserve.datasets import PROMPT_SETS, default_path, instructions_hash, load_instructions
 from abliserve.directions.artifact import DirectionArtifact
 from abliserve.directions.errors import DirectionError
 from abliserve.directions.extract import cached_activations, mean_difference
@@ -26,8 +26,6 @@ from abliserve.directions.select import (
     site_tensors,
 )
 from abliserve.models import read_config, resolve_model
-
-PROMPT_SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
 
 
 @dataclass

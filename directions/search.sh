@@ -70,15 +70,8 @@ json.dump(harmless, open(f"{work}/screen_harmless.json", "w"), indent=1)
 print(f"screening on {len(harmful)} harmful and {len(harmless)} harmless prompts")
 PY
 
-VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}" "$BIN/abliserve" serve --model demo \
-    --engine vllm --dtype float32 --max-model-len 1024 --strength-range 0,2 \
-    --port "$PORT" "${directions[@]}" > "$WORK/server.log" 2>&1 &
-SERVER=$!
-trap 'kill "$SERVER" 2>/dev/null || true' EXIT
-until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do
-    kill -0 "$SERVER" 2>/dev/null || { tail -20 "$WORK/server.log"; exit 1; }
-    sleep 2
-done
+source scripts/measure_server.sh
+start_measure_server "$WORK/server.log" "$PORT" --strength-range 0,2 "${directions[@]}"
 
 evaluate() {  # $1 = variant name
     "$BIN/abliserve" eval --server "http://127.0.0.1:$PORT" --direction "$1" \

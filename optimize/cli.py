@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from abliserve.directions.cli import add_prompt_file_arguments, prompt_files
 from abliserve.directions.errors import DirectionError
 
 ESTIMATOR_NAMES = ("mean", "median", "variance-scaled")
@@ -64,13 +65,7 @@ def register(directions: argparse._SubParsersAction) -> None:
         help="measure this earlier optimize artifact's parameters first (repeatable): a new "
         "study starts from points already known to be good; needs the same model",
     )
-    for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val"):
-        optimize.add_argument(
-            f"--{name.replace('_', '-')}",
-            dest=name,
-            metavar="FILE",
-            help=f"instructions (JSON/JSONL/CSV/text); default: package {name}",
-        )
+    add_prompt_file_arguments(optimize)
     optimize.add_argument(
         "--train-count", type=int, default=192, help="extraction prompts per class"
     )
@@ -139,10 +134,7 @@ def _optimize(args: argparse.Namespace) -> int:
             seed=args.seed,
             startup_trials=args.startup_trials,
             warm_start=tuple(args.warm_start),
-            prompt_files={
-                name: getattr(args, name)
-                for name in ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
-            },
+            prompt_files=prompt_files(args),
             train_count=args.train_count,
             kl_count=args.kl_count,
             max_new_tokens=args.max_new_tokens,

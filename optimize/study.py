@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import FixedTrial, FrozenTrial, TrialState
 from tqdm import tqdm
 
-from abliserve.datasets import default_path, instructions_hash, load_instructions
+from abliserve.datasets import PROMPT_SETS, default_path, instructions_hash, load_instructions
 from abliserve.directions.errors import DirectionError
 from abliserve.directions.estimators import Estimator
 from abliserve.directions.extract import cached_activations
@@ -41,7 +41,6 @@ from abliserve.server.engines.base import Engine
 
 STUDY_NAME = "abliserve-optimize"
 OBJECTIVES = ("refusal_rate", "kl")
-PROMPT_SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
 
 
 @dataclass

@@ -29,15 +29,8 @@ for front in "$@"; do
 done
 echo "${#names[@]} directions: ${names[*]}"
 
-VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}" nice -n 10 "$BIN/abliserve" serve --model demo \
-    --engine vllm --dtype float32 --max-model-len 1024 \
-    --port "$PORT" "${directions[@]}" > "$WORK/server.log" 2>&1 &
-SERVER=$!
-trap 'kill "$SERVER" 2>/dev/null || true' EXIT
-until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do
-    kill -0 "$SERVER" 2>/dev/null || { tail -20 "$WORK/server.log"; exit 1; }
-    sleep 2
-done
+source scripts/measure_server.sh
+NICE=10 start_measure_server "$WORK/server.log" "$PORT" "${directions[@]}"
 
 evaluate() {  # $1 = direction name, $2 = strengths
     nice -n 10 "$BIN/abliserve" eval --server "http://127.0.0.1:$PORT" --direction "$1" \
@@ -56,7 +49,7 @@ for name in "${names[@]}"; do
     [[ -f "$WORK/eval/$name/results.jsonl" ]] || cp "$WORK/baseline.jsonl" "$WORK/eval/$name/results.jsonl"
     evaluate "$name" 1 > "$WORK/eval/$name.log" 2>&1 &
 done
-for job in $(jobs -p); do [[ "$job" == "$SERVER" ]] || wait "$job"; done
+for job in $(jobs -p); do [[ "$job" == "$MEASURE_SERVER" ]] || wait "$job"; done
 echo "evaluated ${#names[@]} directions in $(( $(date +%s) - start )) s (after the baseline)"
-kill "$SERVER" 2>/dev/null || true
+kill "$MEASURE_SERVER" 2>/dev/null || true
 "$BIN/python" bench/heretic/plot_fronts.py "$WORK" "$@"
