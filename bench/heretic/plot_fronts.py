@@ -1,8 +1,11 @@
 """Summarise and plot fronts evaluated by bench/heretic/evaluate_fronts.sh.
 
-    .venv/bin/python bench/heretic/plot_fronts.py WORK_DIR FRONT_DIR...
+    .venv/bin/python bench/heretic/plot_fronts.py WORK_DIR FRONT_DIR... [--earlier FRONTS_JSON]
 
-Reads WORK/eval/NAME/summary.json for every artifact of every front folder; prints a markdown
+Reads WORK/eval/NAME/summary.json for every artifact of every front folder, plus the fronts of
+an earlier run's fronts.json (``--earlier``: a front evaluated on the same test before, whose
+artifacts are no longer at hand, e.g. bench/heretic/results/fronts_jbb.json; a front measured
+now replaces an earlier one of the same name); prints a markdown
 table (also WORK/fronts.md, with WORK/fronts.json) and draws refusals (JailbreakBench markers)
 against first-token KL, one series per front, to bench/heretic/fronts.png. A point marked * is on
 its own front's test-set Pareto front (no other point of that front has both fewer refusals and
@@ -109,9 +112,17 @@ def plot(points: dict[str, list[dict]], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-def main(work_dir: str, *front_dirs: str) -> None:
+def main(work_dir: str, *arguments: str) -> None:
     work = Path(work_dir)
+    front_dirs, earlier = list(arguments), None
+    if "--earlier" in front_dirs:
+        at = front_dirs.index("--earlier")
+        earlier = json.loads(Path(front_dirs[at + 1]).read_text())
+        del front_dirs[at : at + 2]
     baseline, points = collect(work, [Path(f) for f in front_dirs])
+    if earlier:
+        baseline = baseline or earlier["baseline"]
+        points = earlier["fronts"] | points
     text = table(baseline, points)
     print(text)
     (work / "fronts.md").write_text(text + "\n")
