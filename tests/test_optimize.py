@@ -112,8 +112,11 @@ def test_warm_start_measures_an_earlier_point_first(workspace: Path, capsys) -> 
     assert main(optimize_args(workspace, 2, *warm, run="warm")) == 0
     trials = completed_trials(workspace / "warm")
     assert trials[0].params == point["params"]
-    # The same model and prompts: the point scores what it scored before.
-    assert trials[0].values == [point["refusal_rate"], point["kl"]]
+    # The same model and prompts: the point scores what it scored before. The KL agrees to
+    # float32 rounding only: the point now shares its batch with a different candidate, and a
+    # batch's other rows change how the CPU kernels block the matrix products.
+    assert trials[0].values[0] == point["refusal_rate"]
+    assert trials[0].values[1] == pytest.approx(point["kl"], rel=1e-4)
     assert main(optimize_args(workspace, 3, *warm, run="warm")) == 0
     assert sum(t.params == point["params"] for t in load(workspace / "warm").trials) == 1
 
