@@ -4,8 +4,9 @@ Runtime ablation (the plugin projecting the direction out of each writer's outpu
 exported checkpoint (the same projection baked into the weights, ``abliserve export``) are the
 same model. The battery of ``vllm_battery`` goes to ``vllm serve`` on a float32 export of the
 demo model at strength 1 and to ``abliserve serve --demo --default-strength 1``; the answers
-must match (logprobs to 3 decimals: the two orders of float32 arithmetic differ in the last
-bits). The servers run one after the other.
+must match (tokens and texts exactly, logprobs within a tolerance: the two orders of float32
+arithmetic differ in the last bits, so rounding to a number of decimals would split values that
+straddle a rounding boundary). The servers run one after the other.
 """
 
 from __future__ import annotations
@@ -15,11 +16,24 @@ from pathlib import Path
 import httpx
 import pytest
 from reliability_harness import served
-from vllm_battery import BATTERY, ENGINE_FLAGS, MODEL, SMALL_KV_ENV, TOOL_FLAGS, answer, vllm_serve
+from vllm_battery import (
+    BATTERY,
+    ENGINE_FLAGS,
+    MODEL,
+    SMALL_KV_ENV,
+    TOOL_FLAGS,
+    answer,
+    differences,
+    vllm_serve,
+)
 
 pytest.importorskip("vllm")
 
 pytestmark = [pytest.mark.vllm, pytest.mark.real_model]
+
+# Logprobs of the two float32 computations agree to this. Seen here: a few 1e-6 (AVX2); the
+# margin is for other CPUs' kernels. The tokens and texts must be equal.
+LOGPROB_TOLERANCE = 1e-3
 
 
 def export_float32(checkpoint: Path, direction: Path, out: Path) -> Path:
@@ -42,7 +56,7 @@ def export_float32(checkpoint: Path, direction: Path, out: Path) -> Path:
 def battery_answers(url: str) -> dict:
     with httpx.Client(base_url=url, timeout=300) as client:
         return {
-            case: answer(client, path, body, digits=3) for case, (path, body) in BATTERY.items()
+            case: answer(client, path, body, digits=None) for case, (path, body) in BATTERY.items()
         }
 
 
@@ -57,5 +71,7 @@ def test_strength_one_equals_vllm_serve_on_the_exported_checkpoint(tmp_path: Pat
     flags += [*TOOL_FLAGS, "--default-strength", "1"]
     with served(*flags, log_path=tmp_path / "abliserve.log", env=SMALL_KV_ENV) as server:
         got = battery_answers(server.url)
-    mismatched = [case for case in BATTERY if got[case] != expected[case]]
-    assert not mismatched, {case: (got[case], expected[case]) for case in mismatched}
+    mismatched = {
+        case: differences(got[case], expected[case], LOGPROB_TOLERANCE) for case in BATTERY
+    }
+    assert not any(mismatched.values()), {case: d for case, d in mismatched.items() if d}

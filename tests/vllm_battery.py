@@ -115,19 +115,42 @@ BATTERY: dict[str, tuple[str, dict]] = {
 }
 
 
-def scrub(value: Any, digits: int = 4) -> Any:
+def scrub(value: Any, digits: int | None = 4) -> Any:
     """The answer without what differs between any two runs (ids, timestamps), logprobs
-    rounded to ``digits`` decimals."""
+    rounded to ``digits`` decimals (kept whole for ``None``)."""
     if isinstance(value, dict):
         return {k: scrub(v, digits) for k, v in value.items() if k not in VOLATILE}
     if isinstance(value, list):
         return [scrub(v, digits) for v in value]
-    if isinstance(value, float):
+    if isinstance(value, float) and digits is not None:
         return round(value, digits)
     return value
 
 
-def answer(client: httpx.Client, path: str, body: dict, digits: int = 4) -> Any:
+def differences(got: Any, expected: Any, tolerance: float, where: str = "") -> list[str]:
+    """Where two answers differ: structure, text and integers exactly, numbers within
+    ``tolerance``. Two float32 computations of one model agree to a tolerance, not to a number
+    of rounded decimals: rounding splits values that straddle a rounding boundary."""
+    if isinstance(got, float) or isinstance(expected, float):
+        close = isinstance(got, int | float) and abs(got - expected) <= tolerance
+        return [] if close else [f"{where}: {got!r} != {expected!r}"]
+    if isinstance(got, dict) and isinstance(expected, dict):
+        if got.keys() != expected.keys():
+            return [f"{where}: keys {sorted(got)} != {sorted(expected)}"]
+        return [d for k in got for d in differences(got[k], expected[k], tolerance, f"{where}.{k}")]
+    if isinstance(got, list | tuple) and isinstance(expected, list | tuple):
+        if len(got) != len(expected):
+            return [f"{where}: length {len(got)} != {len(expected)}"]
+        pairs = zip(got, expected, strict=True)
+        return [
+            d
+            for i, (g, e) in enumerate(pairs)
+            for d in differences(g, e, tolerance, f"{where}[{i}]")
+        ]
+    return [] if got == expected else [f"{where}: {got!r} != {expected!r}"]
+
+
+def answer(client: httpx.Client, path: str, body: dict, digits: int | None = 4) -> Any:
     """One request's comparable answer: the status and JSON, or for a stream the text and
     tool-call pieces per choice, the finish reasons and the usage."""
     if not body.get("stream"):
