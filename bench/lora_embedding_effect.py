@@ -1,13 +1,11 @@
 """What leaving the embedding writer out of a LoRA adapter costs, on the demo model.
 
 Some engines cannot load a LoRA on the embedding (vLLM 0.32 for Qwen2), so ``abliserve export
---format lora --no-embedding`` leaves that writer out. The committed demo direction gives the
-embedding weight 0, so its adapter never has one and is exact everywhere. For a direction that
-does ablate the embedding (the committed direction at weight 1 on every writer, Arditi et al.'s
-setting), this compares the full ablation with the ablation minus the embedding writer (what the
-adapter without it computes; the tests prove the adapter equals those hooks through PEFT):
-first-token KL(full || without) on harmless and harmful prompts, greedy token agreement on
-harmful prompts, and refusal rates.
+--format lora --no-embedding`` leaves that writer out. The bundled demo direction weights the
+embedding (0.85), so its adapter without the embedding is not exact. This compares the bundled
+ablation with the same ablation minus the embedding writer (what the adapter without it computes;
+the tests prove the adapter equals those hooks through PEFT): first-token KL(full || without) on
+harmless and harmful prompts, greedy token agreement on harmful prompts, and refusal rates.
 
     flock /tmp/abliserve-heavy.lock .venv/bin/python bench/lora_embedding_effect.py
 """
@@ -46,14 +44,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def variants() -> dict[str, DirectionArtifact]:
-    """The committed direction on every writer at weight 1, with and without the embedding."""
-    committed = load_artifact(DIRECTION)
-    weights = torch.ones(committed.num_sites)
-    without = weights.clone()
+    """The bundled direction as it is, and with the embedding's weight set to 0."""
+    bundled = load_artifact(DIRECTION)
+    without = bundled.weights.clone()
     without[0] = 0.0
     return {
-        name: DirectionArtifact(directions=committed.directions, weights=w, model=committed.model)
-        for name, w in (("full", weights), ("without-embedding", without))
+        name: DirectionArtifact(directions=bundled.directions, weights=w, model=bundled.model)
+        for name, w in (("full", bundled.weights), ("without-embedding", without))
     }
 
 

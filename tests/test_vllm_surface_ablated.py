@@ -15,17 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import vllm_battery as battery
 from reliability_harness import served
-from vllm_battery import (
-    BATTERY,
-    ENGINE_FLAGS,
-    MODEL,
-    SMALL_KV_ENV,
-    TOOL_FLAGS,
-    answer,
-    differences,
-    vllm_serve,
-)
 
 pytest.importorskip("vllm")
 
@@ -56,7 +47,8 @@ def export_float32(checkpoint: Path, direction: Path, out: Path) -> Path:
 def battery_answers(url: str) -> dict:
     with httpx.Client(base_url=url, timeout=300) as client:
         return {
-            case: answer(client, path, body, digits=None) for case, (path, body) in BATTERY.items()
+            case: battery.answer(client, path, body, digits=None)
+            for case, (path, body) in battery.BATTERY.items()
         }
 
 
@@ -65,13 +57,14 @@ def test_strength_one_equals_vllm_serve_on_the_exported_checkpoint(tmp_path: Pat
     from abliserve.server.cli import demo_direction_path
 
     baked = export_float32(resolve_model("demo"), demo_direction_path(), tmp_path / "baked")
-    with vllm_serve(baked, tmp_path / "reference.log") as url:
+    with battery.vllm_serve(baked, tmp_path / "reference.log") as url:
         expected = battery_answers(url)
-    flags = ["--demo", "--engine", "vllm", "--served-model-name", MODEL, *ENGINE_FLAGS]
-    flags += [*TOOL_FLAGS, "--default-strength", "1"]
-    with served(*flags, log_path=tmp_path / "abliserve.log", env=SMALL_KV_ENV) as server:
+    flags = ["--demo", "--engine", "vllm", "--served-model-name", battery.MODEL]
+    flags += [*battery.ENGINE_FLAGS, *battery.TOOL_FLAGS, "--default-strength", "1"]
+    with served(*flags, log_path=tmp_path / "abliserve.log", env=battery.SMALL_KV_ENV) as server:
         got = battery_answers(server.url)
     mismatched = {
-        case: differences(got[case], expected[case], LOGPROB_TOLERANCE) for case in BATTERY
+        case: battery.differences(got[case], expected[case], LOGPROB_TOLERANCE)
+        for case in battery.BATTERY
     }
     assert not any(mismatched.values()), {case: d for case, d in mismatched.items() if d}
