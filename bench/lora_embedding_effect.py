@@ -1,11 +1,15 @@
 """What leaving the embedding writer out of a LoRA adapter costs, on the demo model.
 
 Some engines cannot load a LoRA on the embedding (vLLM 0.32 for Qwen2), so ``abliserve export
---format lora --no-embedding`` leaves that writer out. The bundled demo direction weights the
-embedding (0.85), so its adapter without the embedding is not exact. This compares the bundled
-ablation with the same ablation minus the embedding writer (what the adapter without it computes;
-the tests prove the adapter equals those hooks through PEFT): first-token KL(full || without) on
-harmless and harmful prompts, greedy token agreement on harmful prompts, and refusal rates.
+--format lora --no-embedding`` leaves that writer out. The bundled demo direction removes nothing
+at the embedding (per layer, residual 0 at the last prompt token is a template-fixed token's
+embedding, so its direction is zero), so its adapter never has an embedding part and is exact
+everywhere. For a direction that does ablate the embedding (the layer-14 direction bundled until
+2026-12-06, ``directions/results/compute-l14.safetensors``, at weight 1 on every writer: Arditi
+et al.'s setting), this compares the full ablation with the ablation minus the embedding writer
+(what the adapter without it computes; the tests prove the adapter equals those hooks through
+PEFT): first-token KL(full || without) on harmless and harmful prompts, greedy token agreement
+on harmful prompts, and refusal rates.
 
     flock /tmp/abliserve-heavy.lock .venv/bin/python bench/lora_embedding_effect.py
 """
@@ -16,7 +20,7 @@ import argparse
 import json
 
 import torch
-from loadgen import BENCH, DIRECTION, load_prompts
+from loadgen import BENCH, REPO, load_prompts
 
 from abliserve.bank import DirectionBank
 from abliserve.datasets import load_instructions
@@ -33,6 +37,7 @@ from abliserve.hooks import AblationHooks
 from abliserve.refusal import is_refusal
 
 FULL, WITHOUT_EMBEDDING = 1, 2  # bank slots
+DIRECTION = REPO / "directions/results/compute-l14.safetensors"
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -44,13 +49,14 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def variants() -> dict[str, DirectionArtifact]:
-    """The bundled direction as it is, and with the embedding's weight set to 0."""
-    bundled = load_artifact(DIRECTION)
-    without = bundled.weights.clone()
+    """The layer-14 direction on every writer at weight 1, with and without the embedding."""
+    l14 = load_artifact(DIRECTION)
+    weights = torch.ones(l14.num_sites)
+    without = weights.clone()
     without[0] = 0.0
     return {
-        name: DirectionArtifact(directions=bundled.directions, weights=w, model=bundled.model)
-        for name, w in (("full", bundled.weights), ("without-embedding", without))
+        name: DirectionArtifact(directions=l14.directions, weights=w, model=l14.model)
+        for name, w in (("full", weights), ("without-embedding", without))
     }
 
 

@@ -85,4 +85,9 @@ def site_tensors(
         else:
             kernel = shape.attention if site % 2 == 1 else shape.mlp
             weights.append(kernel.weight(layer))
-    return torch.stack(directions), torch.tensor(weights, dtype=torch.float32)
+    stacked, weighted = torch.stack(directions), torch.tensor(weights, dtype=torch.float32)
+    # A writer with nothing to remove gets weight 0, so the artifact's weights say what is
+    # ablated. Per layer this is the embedding of a chat model: residual 0 at the last prompt
+    # token is that token's embedding, which the template fixes, so its direction is zero.
+    weighted[~stacked.any(dim=-1)] = 0.0
+    return stacked, weighted

@@ -115,6 +115,11 @@ def test_site_tensors_layout_per_layer_and_global() -> None:
     directions, weights = site_tensors(candidates, shared)
     assert weights[0] == 0.0
     assert bool((directions == interpolate(candidates, 2.5)).all(dim=-1).all())
+    # A zero candidate (a chat model's residual 0: the same last token for every prompt)
+    # removes nothing, and its writer's weight says so.
+    candidates[0] = 0.0
+    directions, weights = site_tensors(candidates, per_layer)
+    assert weights[0] == 0.0 and weights[1:].tolist() == [0.5, 0.0, 1.0, 0.0, 0.5, 0.75, 0.0, 1.5]
 
 
 def test_trial_parameters_become_an_artifact() -> None:
