@@ -132,7 +132,8 @@ def differences(got: Any, expected: Any, tolerance: float, where: str = "") -> l
     ``tolerance``. Two float32 computations of one model agree to a tolerance, not to a number
     of rounded decimals: rounding splits values that straddle a rounding boundary."""
     if isinstance(got, float) or isinstance(expected, float):
-        close = isinstance(got, int | float) and abs(got - expected) <= tolerance
+        numbers = all(isinstance(v, int | float) for v in (got, expected))
+        close = numbers and abs(got - expected) <= tolerance
         return [] if close else [f"{where}: {got!r} != {expected!r}"]
     if isinstance(got, dict) and isinstance(expected, dict):
         if got.keys() != expected.keys():
